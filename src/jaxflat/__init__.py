@@ -1,0 +1,32 @@
+"""jaxflat: a JAX model's parameters as one flat vector and back, its state
+saved and restored. A port of Flux / Optimisers.jl's flat-and-nested toolkit.
+"""
+
+import importlib.metadata
+
+from ._destructure import LayoutEntry as LayoutEntry
+from ._destructure import Restructure as Restructure
+from ._destructure import destructure as destructure
+from ._modules import modules as modules
+from ._predicates import isleaf as isleaf
+from ._predicates import isnumeric as isnumeric
+from ._predicates import register_leaf as register_leaf
+from ._predicates import register_trainable as register_trainable
+from ._predicates import trainable as trainable
+
+try:
+    __version__ = importlib.metadata.version("jaxflat")
+except importlib.metadata.PackageNotFoundError:  # pragma: no cover - source checkout
+    __version__ = "0.0.0"
+
+__all__ = (
+    "LayoutEntry",
+    "Restructure",
+    "destructure",
+    "isleaf",
+    "isnumeric",
+    "modules",
+    "register_leaf",
+    "register_trainable",
+    "trainable",
+)

@@ -1,0 +1,316 @@
+"""destructure: a tree's parameters as one flat vector, and the way back."""
+
+from __future__ import annotations
+
+import collections
+import functools
+import itertools
+from collections.abc import Callable
+from typing import Any, Generic, NamedTuple, TypeVar
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax import tree_util as jtu
+
+from . import _engine
+from . import _predicates as P
+from ._walk import rebuild, walk
+
+T = TypeVar("T")
+_NONPARAM_ARRAY, _CONST = -1, -2
+
+
+class LayoutEntry(NamedTuple):
+    """Where one parameter lives in the flat vector: ``flat[start:stop]``."""
+
+    path: str
+    start: int
+    stop: int
+    shape: tuple[int, ...]
+    dtype: np.dtype
+
+
+class _Structure(NamedTuple):
+    """What a tree's shape alone decides: cached per treedef for plain trees."""
+
+    key: Any  # hashable: the treedef, or the walk's frames for trees with mutable nodes
+    unflatten: Callable[[list[Any]], Any]
+    paths: list[tuple[Any, ...]]
+    train: list[bool]
+    root: str
+    mutable: bool
+
+
+class _Plan:
+    """Everything static about a Restructure. Interned per structure, so
+    identity equality is structural equality (``jit`` caches on it)."""
+
+    def __init__(self, st: _Structure, kinds: tuple[int, ...], spec: _engine.Spec,
+                 paths: list[str], shardings: Any, flat_sharding: Any) -> None:
+        self.unflatten = st.unflatten
+        self.root = st.root
+        self.kinds = kinds
+        self.spec = spec
+        self.shardings = shardings
+        self.flat_sharding = flat_sharding
+        self.dtype = jnp.dtype(jnp.result_type(*(d for _, d in spec))) if spec else jnp.dtype(jnp.float32)
+        stops = list(itertools.accumulate(_engine.sizes(spec)))
+        self.layout = tuple(
+            LayoutEntry(p, stop - size, stop, shape, jnp.dtype(dtype))
+            for p, stop, size, (shape, dtype) in zip(paths, stops, _engine.sizes(spec), spec)
+        )
+        self.length = stops[-1] if stops else 0
+
+
+_STRUCTURES: dict[Any, _Structure] = {}
+_PLANS: collections.OrderedDict[Any, _Plan] = collections.OrderedDict()
+_CACHE_SIZE = 512
+
+
+def _remember(cache: Any, key: Any, value: Any) -> Any:
+    cache[key] = value
+    if len(cache) > _CACHE_SIZE:
+        cache.pop(next(iter(cache)))
+    return value
+
+
+def _structure(tree: Any) -> tuple[list[Any], _Structure]:
+    """The tree's leaves and structure; plain pytrees hit a cache keyed on
+    the treedef, trees with mutable (tie-able) nodes are walked each time."""
+    is_leaf = P.is_registered_leaf if P._LEAF_TYPES else None
+    leaves, treedef = jtu.tree_flatten(tree, is_leaf=is_leaf)
+    ckey = (treedef, P._VERSION[0])
+    st = _STRUCTURES.get(ckey)
+    if st is not None and not st.mutable:
+        return leaves, st
+    w = walk(tree)
+    root = type(tree).__name__
+    if not w.mutable:
+        st = _Structure(treedef, treedef.unflatten, w.paths, w.train, root, False)
+        return w.leaves, _remember(_STRUCTURES, ckey, st)
+    _STRUCTURES[ckey] = _Structure(None, w.build, [], [], root, True)  # "walk me"
+    key = w.skeleton()
+    return w.leaves, _Structure(key, functools.partial(rebuild, key), w.paths, w.train, root, True)
+
+
+_INEXACT: dict[Any, bool] = {}
+
+
+def _numeric(x: Any) -> bool:
+    if not isinstance(x, P.ARRAY_TYPES):
+        return False
+    dt = x.dtype
+    ok = _INEXACT.get(dt)
+    if ok is None:
+        ok = _INEXACT[dt] = bool(jnp.issubdtype(dt, jnp.inexact))
+    return ok and not P.is_registered_leaf(x)
+
+
+def _placement(params: list[Any], paths: list[tuple[Any, ...]], idx: list[int], sharding: Any) -> Any:
+    """The per-parameter shardings (None: single device or traced) and the
+    flat vector's sharding; ValueError for parameters on different devices."""
+    if sharding is not None:
+        return None, sharding
+    seen: dict[Any, int] = {}
+    for i, p in zip(idx, params):
+        if isinstance(p, jax.Array) and not isinstance(p, jax.core.Tracer):
+            seen.setdefault(p.sharding, i)
+    if len(seen) <= 1 and all(len(s.device_set) == 1 for s in seen):
+        return None, None
+    single = {s: i for s, i in seen.items() if len(s.device_set) == 1}
+    if len(single) > 1:
+        (s1, i1), (s2, i2) = list(single.items())[:2]
+        raise ValueError(
+            "destructure: parameters live on different devices: "
+            f"{jtu.keystr(paths[i1])} on {next(iter(s1.device_set))} and "
+            f"{jtu.keystr(paths[i2])} on {next(iter(s2.device_set))}; put them on one "
+            "device (jax.device_put) or shard them over one mesh"
+        )
+    from ._sharding import flat_sharding
+
+    return tuple(p.sharding for p in params), flat_sharding(params)
+
+
+class Restructure(Generic[T]):
+    """The inverse of :func:`destructure`: ``re(flat)`` rebuilds the tree.
+
+    A registered pytree whose children are the template's non-parameter
+    array leaves (batch-norm statistics, integer arrays, PRNG keys); all else
+    is static. So ``re`` can be an argument or a result of a jitted function,
+    and new non-parameter values do not force a recompile.
+
+    Attributes:
+      length: the number of elements of the flat vector (also ``len(re)``).
+      layout: one :class:`LayoutEntry` per parameter, in flat order, with
+        ``path``, ``start``, ``stop``, ``shape`` and ``dtype``.
+      dtype: the flat vector's dtype.
+
+    Example:
+      >>> import jax.numpy as jnp, jaxflat
+      >>> flat, re = jaxflat.destructure({"w": jnp.ones((2, 2)), "n": 3})
+      >>> re
+      Restructure(dict, ..., 4)
+      >>> re(jnp.arange(4.0))["w"]
+      Array([[0., 1.],
+             [2., 3.]], dtype=float32)
+      >>> [(e.path, e.start, e.stop) for e in re.layout]
+      [("['w']", 0, 4)]
+    """
+
+    __slots__ = ("_plan", "_arrays", "_consts")
+
+    def __init__(self, plan: _Plan, arrays: tuple[Any, ...], consts: Any) -> None:
+        self._plan = plan
+        self._arrays = arrays
+        self._consts = consts
+
+    @property
+    def length(self) -> int:
+        return self._plan.length
+
+    @property
+    def layout(self) -> tuple[LayoutEntry, ...]:
+        return self._plan.layout
+
+    @property
+    def dtype(self) -> np.dtype:
+        return self._plan.dtype
+
+    def __len__(self) -> int:
+        return self._plan.length
+
+    def __repr__(self) -> str:
+        return f"Restructure({self._plan.root}, ..., {self._plan.length})"
+
+    def __call__(self, flat: Any) -> T:
+        """Rebuild the tree with the parameters taken from ``flat``.
+
+        Raises:
+          ValueError: ``flat`` is not a vector of length ``self.length``.
+        """
+        plan = self._plan
+        v = flat if isinstance(flat, jax.Array) else jnp.asarray(flat)
+        if v.shape != (plan.length,):
+            hint = "; for a batch of vectors use jax.vmap(re)" if v.ndim == 2 else ""
+            raise ValueError(
+                f"Restructure expected a vector of shape ({plan.length},), got {v.shape}{hint}"
+            )
+        pieces = _engine.split(plan.spec, plan.shardings, v) if plan.spec else []
+        arrays, consts = iter(self._arrays), iter(self._consts)
+        leaves = [
+            pieces[k] if k >= 0 else next(arrays) if k == _NONPARAM_ARRAY else next(consts)
+            for k in plan.kinds
+        ]
+        return plan.unflatten(leaves)  # type: ignore[no-any-return]
+
+
+class _Consts(tuple):  # type: ignore[type-arg]
+    """Static non-array leaves: equal when each pair is identical or ==."""
+
+    def __eq__(self, other: object) -> bool:
+        return (
+            isinstance(other, _Consts)
+            and len(self) == len(other)
+            and all(a is b or _safe_eq(a, b) for a, b in zip(self, other))
+        )
+
+    def __hash__(self) -> int:
+        return hash(tuple(_safe_hash(x) for x in self))
+
+
+def _safe_eq(a: Any, b: Any) -> bool:
+    try:
+        return type(a) is type(b) and bool(a == b)
+    except Exception:
+        return False
+
+
+def _safe_hash(x: Any) -> int:
+    try:
+        return hash(x)
+    except TypeError:
+        return hash(type(x))
+
+
+jtu.register_pytree_node(
+    Restructure,
+    lambda re: (re._arrays, (re._plan, re._consts)),
+    lambda aux, arrays: Restructure(aux[0], tuple(arrays), aux[1]),
+)
+
+
+def destructure(
+    tree: T,
+    /,
+    *,
+    filter: Callable[[tuple[Any, ...], Any], bool] | None = None,
+    sharding: Any = None,
+) -> tuple[jax.Array, Restructure[T]]:
+    """All parameters of ``tree`` as one flat vector, and its inverse.
+
+    A *parameter* is a leaf array of inexact dtype (:func:`isnumeric`),
+    reached from the root through trainable children only
+    (:func:`trainable`), for which ``filter(path, x)`` holds if given.
+
+    Rules:
+      * Order: ``jax.tree_util.tree_leaves(tree)``, each raveled in C order.
+      * dtype: ``jnp.result_type`` of the parameter dtypes (float32 with
+        bfloat16 gives float32; any complex parameter makes it complex);
+        no parameters give shape ``(0,)`` float32. ``re(v)`` projects each
+        piece back: float64 into float32 rounds, complex into real keeps the
+        real part.
+      * Everything else (non-trainable arrays, ints, keys, functions,
+        strings, None) comes back from ``re`` as it was.
+      * Ties: an ``nnx.Variable`` or ``nnx.Module`` found at several places
+        by identity is one set of parameters, stored once and rebuilt
+        shared; its gradient is the sum over its uses. Equal arrays are not
+        ties.
+      * Devices: ``flat`` lives where the parameters live; parameters on two
+        different single devices are a ``ValueError``; parameters sharded
+        over a mesh give a ``flat`` spread over that mesh (or ``sharding``).
+      * Works on traced trees: ``destructure`` is differentiable and
+        jit-able, and ``re`` works under ``jit``, ``grad``, ``hessian``,
+        ``jvp`` and ``vmap`` (a batch of vectors gives a batch of trees).
+
+    Args:
+      tree: any pytree: Flax NNX or Linen, Equinox, optax state, containers.
+      filter: optional ``(key_path, leaf) -> bool``; only leaves for which it
+        is true are parameters.
+      sharding: optional ``jax.sharding.Sharding`` for ``flat``.
+
+    Returns:
+      ``(flat, re)``: the 1-D ``jax.Array`` and the :class:`Restructure`.
+
+    Example:
+      >>> import jax, jax.numpy as jnp, jaxflat
+      >>> flat, re = jaxflat.destructure({"x": jnp.array([1.0, 2.0]), "y": (jnp.sin, jnp.array([3.0 + 4.0j]))})
+      >>> flat
+      Array([1.+0.j, 2.+0.j, 3.+4.j], dtype=complex64)
+      >>> re(jnp.array([3, 5, 7 + 11j]))
+      {'x': Array([3., 5.], dtype=float32), 'y': (<PjitFunction of <function sin at ...>>, Array([7.+11.j], dtype=complex64))}
+    """
+    leaves, st = _structure(tree)
+    idx = [
+        i
+        for i, (x, t) in enumerate(zip(leaves, st.train))
+        if t and _numeric(x) and (filter is None or filter(st.paths[i], x))
+    ]
+    params = [leaves[i] for i in idx]
+    shardings, flat_sharding = _placement(params, st.paths, idx, sharding)
+    spec = tuple((tuple(p.shape), p.dtype) for p in params)
+    pkey = (st.key, P._VERSION[0], tuple(idx), spec, shardings, flat_sharding)
+    plan = _PLANS.get(pkey)
+    if plan is None:
+        kinds, n = [], 0
+        for x in leaves:
+            kinds.append(_NONPARAM_ARRAY if isinstance(x, P.ARRAY_TYPES) else _CONST)
+        for n, i in enumerate(idx):
+            kinds[i] = n
+        paths = [jtu.keystr(st.paths[i]) for i in idx]
+        plan = _remember(_PLANS, pkey, _Plan(st, tuple(kinds), spec, paths, shardings, flat_sharding))
+    param_set = set(idx)
+    arrays = tuple(x for i, x in enumerate(leaves) if i not in param_set and isinstance(x, P.ARRAY_TYPES))
+    consts = _Consts(x for i, x in enumerate(leaves) if not isinstance(x, P.ARRAY_TYPES))
+    flat = _engine.concat(params, plan.dtype, plan.flat_sharding)
+    return flat, Restructure(plan, arrays, consts)
