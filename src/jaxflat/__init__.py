@@ -4,15 +4,20 @@ saved and restored. A port of Flux / Optimisers.jl's flat-and-nested toolkit.
 
 import importlib.metadata
 
+from ._checkpoint import load as load
+from ._checkpoint import save as save
 from ._destructure import LayoutEntry as LayoutEntry
 from ._destructure import Restructure as Restructure
 from ._destructure import destructure as destructure
+from ._errors import LoadError as LoadError
 from ._modules import modules as modules
 from ._predicates import isleaf as isleaf
 from ._predicates import isnumeric as isnumeric
 from ._predicates import register_leaf as register_leaf
 from ._predicates import register_trainable as register_trainable
 from ._predicates import trainable as trainable
+from ._state import loadmodel as loadmodel
+from ._state import state as state
 
 try:
     __version__ = importlib.metadata.version("jaxflat")
@@ -21,12 +26,17 @@ except importlib.metadata.PackageNotFoundError:  # pragma: no cover - source che
 
 __all__ = (
     "LayoutEntry",
+    "LoadError",
     "Restructure",
     "destructure",
     "isleaf",
+    "load",
     "isnumeric",
+    "loadmodel",
     "modules",
     "register_leaf",
     "register_trainable",
+    "save",
+    "state",
     "trainable",
 )
