@@ -18,6 +18,7 @@ from ._predicates import register_trainable as register_trainable
 from ._predicates import trainable as trainable
 from ._state import loadmodel as loadmodel
 from ._state import state as state
+from ._summary import summary as summary
 
 try:
     __version__ = importlib.metadata.version("jaxflat")
@@ -38,5 +39,6 @@ __all__ = (
     "register_trainable",
     "save",
     "state",
+    "summary",
     "trainable",
 )

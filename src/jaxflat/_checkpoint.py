@@ -274,7 +274,7 @@ def load(path: str | os.PathLike[str], /, like: Any = None) -> Any:
     entries = meta["arrays"]
     abstract = [_abstract(e) for e in entries]
     targets: list[Any] = []
-    for e, a in zip(entries, abstract):
+    for e in entries:
         stored = jnp.dtype(e["stored_dtype"])
         if e["kind"] == "numpy":
             targets.append(jax.ShapeDtypeStruct(tuple(e["stored_shape"]), stored))
@@ -305,8 +305,8 @@ def load(path: str | os.PathLike[str], /, like: Any = None) -> Any:
     except Exception as e:  # Orbax / tensorstore: truncated or missing files
         msg = str(e).splitlines()[0][:300] if str(e) else type(e).__name__
         raise LoadError(f"load: {path}: corrupt or incomplete checkpoint: {msg}") from e
-    for i, e in enumerate(entries):
-        if e["kind"] == "key":
-            arrays[i] = jax.random.wrap_key_data(arrays[i], impl=e["impl"])
+    for i, entry in enumerate(entries):
+        if entry["kind"] == "key":
+            arrays[i] = jax.random.wrap_key_data(arrays[i], impl=entry["impl"])
     tree = _decode(meta["tree"], arrays)
     return tree if like is None else loadmodel(like, tree)

@@ -6,7 +6,7 @@ import collections
 import functools
 import itertools
 from collections.abc import Callable
-from typing import Any, Generic, NamedTuple, TypeVar
+from typing import Any, Generic, NamedTuple, TypeVar, cast
 
 import jax
 import jax.numpy as jnp
@@ -79,7 +79,8 @@ def _structure(tree: Any) -> tuple[list[Any], _Structure]:
     """The tree's leaves and structure; plain pytrees hit a cache keyed on
     the treedef, trees with mutable (tie-able) nodes are walked each time."""
     is_leaf = P.is_registered_leaf if P._LEAF_TYPES else None
-    leaves, treedef = jtu.tree_flatten(tree, is_leaf=is_leaf)
+    leaves, td = jtu.tree_flatten(tree, is_leaf=is_leaf)
+    treedef: Any = td
     ckey = (treedef, P._VERSION[0])
     st = _STRUCTURES.get(ckey)
     if st is not None and not st.mutable:
@@ -100,7 +101,7 @@ _INEXACT: dict[Any, bool] = {}
 def _numeric(x: Any) -> bool:
     if not isinstance(x, P.ARRAY_TYPES):
         return False
-    dt = x.dtype
+    dt = cast(Any, x).dtype
     ok = _INEXACT.get(dt)
     if ok is None:
         ok = _INEXACT[dt] = bool(jnp.issubdtype(dt, jnp.inexact))

@@ -42,7 +42,7 @@ def _on_host(xs: Any) -> jax.Device | None:
         devs = x.sharding.device_set
         if len(devs) != 1:
             return None
-        (d,) = devs
+        d: Any = next(iter(devs))
         if d.platform != "cpu" or (device is not None and d != device):
             return None
         device = d

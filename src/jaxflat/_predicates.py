@@ -7,7 +7,7 @@ consults these predicates and nothing else.
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable
-from typing import Any
+from typing import Any, cast
 
 import jax
 import jax.numpy as jnp
@@ -64,6 +64,7 @@ def children(node: Any) -> tuple[jtu.PyTreeDef, list[tuple[Any, Any]]] | None:
     if isinstance(node, ARRAY_TYPES) or is_registered_leaf(node):
         return None
     pairs, treedef = jtu.tree_flatten_with_path(node, is_leaf=lambda y: y is not node)
+    treedef = cast(Any, treedef)
     if treedef.num_nodes == 1 and treedef.num_leaves == 1:
         return None
     return treedef, [(path[0], child) for path, child in pairs]
@@ -116,7 +117,7 @@ def isnumeric(x: Any) -> bool:
     return (
         isinstance(x, ARRAY_TYPES)
         and not is_registered_leaf(x)
-        and jnp.issubdtype(x.dtype, jnp.inexact)
+        and jnp.issubdtype(cast(Any, x).dtype, jnp.inexact)
     )
 
 
