@@ -61,9 +61,32 @@ class _Plan:
             for p, stop, size, (shape, dtype) in zip(paths, stops, _engine.sizes(spec), spec)
         )
         self.length = stops[-1] if stops else 0
+        self.programs = _engine.Programs(spec, self.dtype)
+        # Index lists for the hot path (see destructure).
+        self.idx = [i for i, k in enumerate(kinds) if k >= 0]
+        self.array_idx = [i for i, k in enumerate(kinds) if k == _NONPARAM_ARRAY]
+        self.const_idx = [i for i, k in enumerate(kinds) if k == _CONST]
+        self.check_idx = [i for i, k in enumerate(kinds) if k < 0 and st.train[i]]
+
+    def fits(self, leaves: list[Any]) -> bool:
+        """Do the non-parameter leaves still sort as they did? (The
+        parameters are checked by the compiled program itself.)"""
+        for i in self.check_idx:
+            x = leaves[i]
+            if _numeric(x) or isinstance(x, P.ARRAY_TYPES) != (self.kinds[i] == _NONPARAM_ARRAY):
+                return False
+        return True
+
+    def restructure(self, leaves: list[Any]) -> Restructure[Any]:
+        return Restructure(
+            self,
+            tuple(leaves[i] for i in self.array_idx),
+            _Consts(leaves[i] for i in self.const_idx),
+        )
 
 
 _STRUCTURES: dict[Any, _Structure] = {}
+_HOT: dict[Any, _Plan] = {}  # the latest plan of each plain structure
 _PLANS: collections.OrderedDict[Any, _Plan] = collections.OrderedDict()
 _CACHE_SIZE = 512
 
@@ -197,7 +220,12 @@ class Restructure(Generic[T]):
             raise ValueError(
                 f"Restructure expected a vector of shape ({plan.length},), got {v.shape}{hint}"
             )
-        pieces = _engine.split(plan.spec, plan.shardings, v) if plan.spec else []
+        if not plan.spec:
+            pieces = []
+        elif isinstance(v, jax.core.Tracer):
+            pieces = _engine.split(plan.programs, plan.shardings, v)
+        else:
+            pieces = plan.programs.unflatten(v, plan.shardings)
         arrays, consts = iter(self._arrays), iter(self._consts)
         leaves = [
             pieces[k] if k >= 0 else next(arrays) if k == _NONPARAM_ARRAY else next(consts)
@@ -292,6 +320,15 @@ def destructure(
       {'x': Array([3., 5.], dtype=float32), 'y': (<PjitFunction of <function sin at ...>>, Array([7.+11.j], dtype=complex64))}
     """
     leaves, st = _structure(tree)
+    hot_key = (st.key, P._VERSION[0]) if filter is None and sharding is None and not st.mutable else None
+    if hot_key is not None:
+        plan = _HOT.get(hot_key)
+        if plan is not None and plan.programs.concat is not None and plan.fits(leaves):
+            try:
+                flat = plan.programs.concat(*[leaves[i] for i in plan.idx])
+                return flat, plan.restructure(leaves)
+            except (TypeError, ValueError):
+                pass  # new shapes, dtypes or devices: the general path below
     idx = [
         i
         for i, (x, t) in enumerate(zip(leaves, st.train))
@@ -310,8 +347,6 @@ def destructure(
             kinds[i] = n
         paths = [jtu.keystr(st.paths[i]) for i in idx]
         plan = _remember(_PLANS, pkey, _Plan(st, tuple(kinds), spec, paths, shardings, flat_sharding))
-    param_set = set(idx)
-    arrays = tuple(x for i, x in enumerate(leaves) if i not in param_set and isinstance(x, P.ARRAY_TYPES))
-    consts = _Consts(x for i, x in enumerate(leaves) if not isinstance(x, P.ARRAY_TYPES))
-    flat = _engine.concat(params, plan.dtype, plan.flat_sharding)
-    return flat, Restructure(plan, arrays, consts)
+    if hot_key is not None:
+        _remember(_HOT, hot_key, plan)
+    return plan.programs.flatten(params, plan.flat_sharding), plan.restructure(leaves)

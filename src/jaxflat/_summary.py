@@ -12,7 +12,7 @@ from flax import nnx
 from . import _predicates as P
 from ._walk import FRAME, LEAF, walk
 
-_ARRAYS = (*P.ARRAY_TYPES, jax.ShapeDtypeStruct)
+_ARRAYS: Any = (*P.ARRAY_TYPES, jax.ShapeDtypeStruct)
 
 
 def _human(n: float) -> str:
