@@ -132,28 +132,30 @@ def _numeric(x: Any) -> bool:
 
 
 def _placement(params: list[Any], paths: list[tuple[Any, ...]], idx: list[int], sharding: Any) -> Any:
-    """The per-parameter shardings (None: single device or traced) and the
-    flat vector's sharding; ValueError for parameters on different devices."""
-    if sharding is not None:
-        return None, sharding
+    """The per-parameter shardings (None: all on one device, or traced) and
+    the flat vector's sharding; ValueError for parameters on different
+    single devices."""
     seen: dict[Any, int] = {}
     for i, p in zip(idx, params):
         if isinstance(p, jax.Array) and not isinstance(p, jax.core.Tracer):
             seen.setdefault(p.sharding, i)
-    if len(seen) <= 1 and all(len(s.device_set) == 1 for s in seen):
-        return None, None
     single = {s: i for s, i in seen.items() if len(s.device_set) == 1}
-    if len(single) > 1:
-        (s1, i1), (s2, i2) = list(single.items())[:2]
+    devices = {next(iter(s.device_set)): i for s, i in single.items()}
+    if len(devices) > 1:
+        (d1, i1), (d2, i2) = list(devices.items())[:2]
         raise ValueError(
             "destructure: parameters live on different devices: "
-            f"{jtu.keystr(paths[i1])} on {next(iter(s1.device_set))} and "
-            f"{jtu.keystr(paths[i2])} on {next(iter(s2.device_set))}; put them on one "
-            "device (jax.device_put) or shard them over one mesh"
+            f"{jtu.keystr(paths[i1])} on {d1} and {jtu.keystr(paths[i2])} on {d2}; put "
+            "them on one device (jax.device_put) or shard them over one mesh"
         )
+    if len(single) == len(seen) and sharding is None:
+        return None, None
+    if len(seen) < len(params):  # numpy or traced among sharded: let XLA lay them out
+        return None, sharding
     from ._sharding import flat_sharding
 
-    return tuple(p.sharding for p in params), flat_sharding(params)
+    shardings = tuple(p.sharding for p in params)
+    return shardings, sharding if sharding is not None else flat_sharding(params)
 
 
 class Restructure(Generic[T]):

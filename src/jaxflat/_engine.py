@@ -88,7 +88,7 @@ class Programs:
         if not params:
             return jnp.zeros((0,), self.dtype)
         if _traced(params):
-            return _concat_traced(params, self.dtype)
+            return _concat_traced(params, self.dtype, sharding)
         if self.concat is not None:
             try:
                 return self.concat(*params)  # type: ignore[no-any-return]
@@ -112,7 +112,7 @@ class Programs:
     # ------------------------------------------------------------ rebuild
     def unflatten(self, v: jax.Array, shardings: Any) -> list[Any]:
         if isinstance(v, jax.core.Tracer):
-            return _split_traced(self.spec, v)
+            return _split_traced(self.spec, v, shardings)
         if shardings is not None or _on_host([v]) is None:
             return _split_program(self.spec, shardings)(v)  # type: ignore[no-any-return]
         key = (v.dtype, v.sharding)
@@ -156,10 +156,28 @@ def _abstract(p: Any, device: Any) -> jax.ShapeDtypeStruct:
 # ---------------------------------------------------------------- traced ops
 
 
-def _concat_traced(params: list[Any], dtype: Any) -> jax.Array:
+def _explicit(sharding: Any) -> bool:
+    mesh = getattr(sharding, "mesh", None)
+    types = getattr(mesh, "axis_types", ())
+    return any(t == jax.sharding.AxisType.Explicit for t in types)
+
+
+def _concat_traced(params: list[Any], dtype: Any, sharding: Any = None) -> jax.Array:
     if not params:
         return jnp.zeros((0,), dtype)
-    return jnp.concatenate([jnp.ravel(p).astype(dtype) for p in params])
+
+    def cat(*ps: Any) -> jax.Array:
+        return jnp.concatenate([jnp.ravel(p).astype(dtype) for p in ps])
+
+    if sharding is None:
+        typed = [jax.typeof(p).sharding for p in params]
+        sharding = next((s for s in typed if _explicit(s)), None)
+        if sharding is not None:  # explicitly sharded tracers: let XLA lay it out
+            sharding = jax.sharding.NamedSharding(sharding.mesh, jax.sharding.PartitionSpec())
+    if _explicit(sharding):
+        return jax.sharding.auto_axes(cat, out_sharding=sharding)(*params)  # type: ignore[no-any-return]
+    out = cat(*params)
+    return out if sharding is None else jax.lax.with_sharding_constraint(out, sharding)
 
 
 def _concat_varargs(*params: Any, dtype: Any) -> jax.Array:
@@ -168,20 +186,30 @@ def _concat_varargs(*params: Any, dtype: Any) -> jax.Array:
 
 @functools.lru_cache(maxsize=256)
 def _concat_program(dtype: Any, sharding: Any) -> Any:
-    return jax.jit(functools.partial(_concat_traced, dtype=dtype), out_shardings=sharding)
+    return jax.jit(functools.partial(_concat_traced, dtype=dtype, sharding=sharding))
 
 
-def _split_traced(spec: Spec, v: jax.Array) -> list[jax.Array]:
+def _split_traced(spec: Spec, v: jax.Array, shardings: Any = None) -> list[jax.Array]:
     if not spec:
         return []
-    pieces = lax.split(v, sizes(spec), axis=v.ndim - 1)
-    lead = v.shape[:-1]
-    return [_cast(p.reshape(*lead, *shape), dtype, jnp) for p, (shape, dtype) in zip(pieces, spec)]
+
+    def cut(v: jax.Array) -> list[jax.Array]:
+        pieces = lax.split(v, sizes(spec), axis=v.ndim - 1)
+        lead = v.shape[:-1]
+        return [_cast(p.reshape(*lead, *shape), dt, jnp) for p, (shape, dt) in zip(pieces, spec)]
+
+    if shardings is None:
+        return cut(v)
+    if _explicit(shardings[0]) and v.ndim == 1:
+        return jax.sharding.auto_axes(cut, out_sharding=list(shardings))(v)  # type: ignore[no-any-return]
+    if v.ndim == 1:
+        return [jax.lax.with_sharding_constraint(p, s) for p, s in zip(cut(v), shardings)]
+    return cut(v)  # batched (vmap): leave the layout to XLA
 
 
 @functools.lru_cache(maxsize=256)
 def _split_program(spec: Spec, shardings: Any) -> Any:
-    return jax.jit(functools.partial(_split_traced, spec), out_shardings=shardings)
+    return jax.jit(functools.partial(_split_traced, spec, shardings=shardings))
 
 
 @functools.partial(jax.custom_jvp, nondiff_argnums=(0, 1))
@@ -198,4 +226,4 @@ def split(programs: Programs, shardings: Any, v: jax.Array) -> list[jax.Array]:
 @split.defjvp
 def _split_jvp(programs: Programs, shardings: Any, primals: Any, tangents: Any) -> Any:
     (v,), (t,) = primals, tangents
-    return split(programs, shardings, v), _split_traced(programs.spec, t)
+    return split(programs, shardings, v), _split_traced(programs.spec, t, shardings)
