@@ -279,7 +279,7 @@ def load(path: str | os.PathLike[str], /, like: Any = None) -> Any:
         if e["kind"] == "numpy":
             targets.append(jax.ShapeDtypeStruct(tuple(e["stored_shape"]), stored))
         else:
-            dev = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+            dev = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
             targets.append(jax.ShapeDtypeStruct(tuple(e["stored_shape"]), stored, sharding=dev))
     if like is not None:
         m = match(like, _decode(meta["tree"], abstract))

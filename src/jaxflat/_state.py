@@ -29,6 +29,10 @@ def _state_leaf(x: Any) -> Any:
     return ()
 
 
+def _state_empty(x: Any) -> Any:
+    return x if x is None or type(x) in (tuple, list, dict) else ()
+
+
 def _state_node(frame: Frame, values: list[Any]) -> Any:
     node = frame.node
     if isinstance(node, nnx.Variable):
@@ -62,7 +66,7 @@ def state(tree: Any, /) -> Any:
       Array([0.], dtype=float32)
     """
     w = walk(tree)
-    return w.build([_state_leaf(x) for x in w.leaves], _state_node)
+    return w.build([_state_leaf(x) for x in w.leaves], _state_node, _state_empty)
 
 
 # ---------------------------------------------------------------- loadmodel

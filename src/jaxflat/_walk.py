@@ -45,23 +45,37 @@ class Walk:
         """What rebuilding needs, hashable, without references to the tree."""
         return tuple((f.treedef, f.items) for f in self.frames), self.root
 
-    def build(self, leaves: list[Any], node_fn: Any = None) -> Any:
+    def build(self, leaves: list[Any], node_fn: Any = None, empty_fn: Any = None) -> Any:
         """Rebuild from new ``leaves``; ``node_fn(frame, values)`` makes each
-        node (default: the original node type). Tied frames are built once."""
-        return rebuild(self.skeleton(), leaves, node_fn, self.frames)
+        node and ``empty_fn(node)`` each childless node (default: the
+        original types). Tied frames are built once."""
+        return rebuild(self.skeleton(), leaves, node_fn, self.frames, empty_fn)
 
 
-def rebuild(skeleton: Any, leaves: list[Any], node_fn: Any = None, frames: Any = None) -> Any:
+def _same(x: Any) -> Any:
+    return x
+
+
+def rebuild(
+    skeleton: Any,
+    leaves: list[Any],
+    node_fn: Any = None,
+    frames: Any = None,
+    empty_fn: Any = _same,
+) -> Any:
     """Build a tree from a walk's skeleton and new leaves (see Walk.build)."""
     shapes, (kind, i) = skeleton
+    empty_fn = empty_fn or _same
     built: list[Any] = []
     for n, (treedef, items) in enumerate(shapes):
         vals = [
-            leaves[j] if k == LEAF else built[j] if k == FRAME else j.unflatten([])
+            leaves[j] if k == LEAF else built[j] if k == FRAME else empty_fn(j.unflatten([]))
             for k, j in items
         ]
         built.append(treedef.unflatten(vals) if node_fn is None else node_fn(frames[n], vals))
-    return leaves[i] if kind == LEAF else built[i] if kind == FRAME else i.unflatten([])
+    if kind == EMPTY:
+        return empty_fn(i.unflatten([]))
+    return leaves[i] if kind == LEAF else built[i]
 
 
 def walk(tree: Any) -> Walk:
