@@ -47,7 +47,8 @@ class _Plan:
     identity equality is structural equality (``jit`` caches on it)."""
 
     def __init__(self, st: _Structure, kinds: tuple[int, ...], spec: _engine.Spec,
-                 paths: list[str], shardings: Any, flat_sharding: Any) -> None:
+                 paths: list[str], shardings: Any, flat_sharding: Any,
+                 given: tuple[Any, ...] | None = None) -> None:
         self.unflatten = st.unflatten
         self.root = st.root
         self.kinds = kinds
@@ -56,9 +57,12 @@ class _Plan:
         self.flat_sharding = flat_sharding
         self.dtype = jnp.dtype(jnp.result_type(*(d for _, d in spec))) if spec else jnp.dtype(jnp.float32)
         stops = list(itertools.accumulate(_engine.sizes(spec)))
+        dtypes = given or [d for _, d in spec]  # as given (float64 numpy stays float64 here)
         self.layout = tuple(
-            LayoutEntry(p, stop - size, stop, shape, jnp.dtype(dtype))
-            for p, stop, size, (shape, dtype) in zip(paths, stops, _engine.sizes(spec), spec)
+            LayoutEntry(p, stop - size, stop, shape, np.dtype(dtype))
+            for p, stop, size, (shape, _), dtype in zip(
+                paths, stops, _engine.sizes(spec), spec, dtypes
+            )
         )
         self.length = stops[-1] if stops else 0
         self.programs = _engine.Programs(spec, self.dtype)
@@ -119,6 +123,16 @@ def _structure(tree: Any) -> tuple[list[Any], _Structure]:
 
 
 _INEXACT: dict[Any, bool] = {}
+_CANONICAL: dict[Any, Any] = {}
+
+
+def _canonical(dtype: Any) -> Any:
+    """The dtype JAX will hold (float64 numpy leaves are float32 without x64)."""
+    key = (dtype, jax.config.jax_enable_x64)
+    out = _CANONICAL.get(key)
+    if out is None:
+        out = _CANONICAL[key] = jax.dtypes.canonicalize_dtype(dtype)
+    return out
 
 
 def _numeric(x: Any) -> bool:
@@ -184,7 +198,7 @@ class Restructure(Generic[T]):
       [("['w']", 0, 4)]
     """
 
-    __slots__ = ("_plan", "_arrays", "_consts")
+    __slots__ = ("_plan", "_arrays", "_consts", "__weakref__")
 
     def __init__(self, plan: _Plan, arrays: tuple[Any, ...], consts: Any) -> None:
         self._plan = plan
@@ -338,8 +352,10 @@ def destructure(
     ]
     params = [leaves[i] for i in idx]
     shardings, flat_sharding = _placement(params, st.paths, idx, sharding)
-    spec = tuple((tuple(p.shape), p.dtype) for p in params)
-    pkey = (st.key, P._VERSION[0], tuple(idx), spec, shardings, flat_sharding)
+    spec = tuple((tuple(p.shape), _canonical(p.dtype)) for p in params)
+    given = tuple(p.dtype for p in params)
+    given = given if any(g != d for g, (_, d) in zip(given, spec)) else None
+    pkey = (st.key, P._VERSION[0], tuple(idx), spec, given, shardings, flat_sharding)
     plan = _PLANS.get(pkey)
     if plan is None:
         kinds, n = [], 0
@@ -348,7 +364,8 @@ def destructure(
         for n, i in enumerate(idx):
             kinds[i] = n
         paths = [jtu.keystr(st.paths[i]) for i in idx]
-        plan = _remember(_PLANS, pkey, _Plan(st, tuple(kinds), spec, paths, shardings, flat_sharding))
+        plan = _Plan(st, tuple(kinds), spec, paths, shardings, flat_sharding, given)
+        _remember(_PLANS, pkey, plan)
     if hot_key is not None:
         _remember(_HOT, hot_key, plan)
     return plan.programs.flatten(params, plan.flat_sharding), plan.restructure(leaves)
