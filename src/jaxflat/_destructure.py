@@ -128,7 +128,7 @@ _CANONICAL: dict[Any, Any] = {}
 
 def _canonical(dtype: Any) -> Any:
     """The dtype JAX will hold (float64 numpy leaves are float32 without x64)."""
-    key = (dtype, jax.config.jax_enable_x64)
+    key = (dtype, jax.config.read("jax_enable_x64"))
     out = _CANONICAL.get(key)
     if out is None:
         out = _CANONICAL[key] = jax.dtypes.canonicalize_dtype(dtype)
@@ -353,8 +353,8 @@ def destructure(
     params = [leaves[i] for i in idx]
     shardings, flat_sharding = _placement(params, st.paths, idx, sharding)
     spec = tuple((tuple(p.shape), _canonical(p.dtype)) for p in params)
-    given = tuple(p.dtype for p in params)
-    given = given if any(g != d for g, (_, d) in zip(given, spec)) else None
+    dts = tuple(p.dtype for p in params)
+    given = dts if any(g != d for g, (_, d) in zip(dts, spec)) else None
     pkey = (st.key, P._VERSION[0], tuple(idx), spec, given, shardings, flat_sharding)
     plan = _PLANS.get(pkey)
     if plan is None:
