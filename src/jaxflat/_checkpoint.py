@@ -186,9 +186,12 @@ def save(path: str | os.PathLike[str], tree: Any, /, *, overwrite: bool = False)
         path.parent.mkdir(parents=True, exist_ok=True)
         new.mkdir()
     _sync("jaxflat.save.start")
-    ckptr = _checkpointer()
-    ckptr.save(new / ARRAYS, {f"a{i}": a for i, a in enumerate(arrays)})
-    ckptr.wait_until_finished()
+    if arrays:
+        ckptr = _checkpointer()
+        ckptr.save(new / ARRAYS, {f"a{i}": a for i, a in enumerate(arrays)})
+        ckptr.wait_until_finished()
+    elif leader:
+        (new / ARRAYS).mkdir()  # nothing for Orbax to write
     _sync("jaxflat.save.arrays")
     if leader:
         tmp = new / (META + ".tmp")
@@ -228,20 +231,30 @@ def _resolve(path: Path) -> Path:
 
 
 def read_meta(path: str | os.PathLike[str]) -> dict[str, Any]:
-    """The checkpoint's structure, from its JSON alone (no array data)."""
+    """The checkpoint's structure, from its JSON alone (no array data),
+    validated: every array entry parsed, every reference in range."""
     folder = _resolve(Path(path).absolute())
     try:
         meta = json.loads((folder / META).read_text())
-        if meta.get("format") != FORMAT:
-            raise ValueError(f"format {meta.get('format')!r}, expected {FORMAT!r}")
-        meta["folder"] = str(folder)
-        return meta  # type: ignore[no-any-return]
-    except (ValueError, KeyError, AttributeError) as e:
-        raise LoadError(f"load: {path}: corrupt {META}: {e}") from None
+        if not isinstance(meta, dict) or meta.get("format") != FORMAT:
+            raise ValueError(f"format {meta.get('format') if isinstance(meta, dict) else None!r}, "
+                             f"expected {FORMAT!r}")
+        entries = meta["arrays"]
+        for e in entries:
+            e["abstract"] = _abstract(e)
+            e["stored"] = jax.ShapeDtypeStruct(tuple(e["stored_shape"]), jnp.dtype(e["stored_dtype"]))
+        _decode(meta["tree"], [e["abstract"] for e in entries])  # every node type and index valid
+    except (ValueError, KeyError, IndexError, TypeError, AttributeError) as e:
+        raise LoadError(f"load: {path}: corrupt {META}: {type(e).__name__}: {e}") from None
+    meta["folder"] = str(folder)
+    return meta  # type: ignore[no-any-return]
 
 
 def _abstract(entry: dict[str, Any]) -> jax.ShapeDtypeStruct:
-    dtype = jax.random.key(0).dtype if entry["kind"] == "key" else jnp.dtype(entry["dtype"])
+    if entry["kind"] == "key":
+        dtype = jax.eval_shape(lambda: jax.random.key(0, impl=entry["impl"])).dtype
+    else:
+        dtype = jnp.dtype(entry["dtype"])
     return jax.ShapeDtypeStruct(tuple(entry["shape"]), dtype)
 
 
@@ -272,15 +285,11 @@ def load(path: str | os.PathLike[str], /, like: Any = None) -> Any:
     meta = read_meta(path)
     folder = Path(meta["folder"])
     entries = meta["arrays"]
-    abstract = [_abstract(e) for e in entries]
-    targets: list[Any] = []
-    for e in entries:
-        stored = jnp.dtype(e["stored_dtype"])
-        if e["kind"] == "numpy":
-            targets.append(jax.ShapeDtypeStruct(tuple(e["stored_shape"]), stored))
-        else:
-            dev = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
-            targets.append(jax.ShapeDtypeStruct(tuple(e["stored_shape"]), stored, sharding=dev))
+    abstract = [e["abstract"] for e in entries]
+    dev = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+    targets = [
+        e["stored"] if e["kind"] == "numpy" else e["stored"].update(sharding=dev) for e in entries
+    ]
     if like is not None:
         m = match(like, _decode(meta["tree"], abstract))
         if m.problems:
@@ -300,8 +309,11 @@ def load(path: str | os.PathLike[str], /, like: Any = None) -> Any:
                 sharding = targets[i].sharding
             targets[i] = jax.ShapeDtypeStruct(targets[i].shape, d.dtype, sharding=sharding)
     try:
-        restored = _checkpointer().restore(folder / ARRAYS, {f"a{i}": t for i, t in enumerate(targets)})
-        arrays = [restored[f"a{i}"] for i in range(len(targets))]
+        arrays: list[Any] = []
+        if targets:
+            items = {f"a{i}": t for i, t in enumerate(targets)}
+            restored = _checkpointer().restore(folder / ARRAYS, items)
+            arrays = [restored[f"a{i}"] for i in range(len(targets))]
     except Exception as e:  # Orbax / tensorstore: truncated or missing files
         msg = str(e).splitlines()[0][:300] if str(e) else type(e).__name__
         raise LoadError(f"load: {path}: corrupt or incomplete checkpoint: {msg}") from e

@@ -22,10 +22,10 @@ def _isarray(x: Any) -> bool:
 
 
 def _state_leaf(x: Any) -> Any:
+    if isinstance(x, np.generic):  # before _SCALARS: np.float64 is a float
+        return np.asarray(x)
     if _isarray(x) or isinstance(x, _SCALARS):
         return x
-    if isinstance(x, np.generic):
-        return np.asarray(x)
     return ()
 
 
@@ -84,6 +84,10 @@ def _lookup(src: dict[Any, Any], name: Any) -> tuple[bool, Any]:
         return True, src[name]
     alt = {str(k): v for k, v in src.items()}  # int keys that went through text
     return (True, alt[str(name)]) if str(name) in alt else (False, None)
+
+
+def _iskey(x: Any) -> bool:
+    return bool(jax.dtypes.issubdtype(x.dtype, jax.dtypes.prng_key))
 
 
 def _inactive(x: Any) -> bool:
@@ -146,6 +150,8 @@ class _Matcher:
             elif _inactive(s):
                 self._assign(i, None, path)
             elif not _isarray(s):
+                self.problems.append(f"{where(path)}: cannot load {describe(s)} into {describe(d)}")
+            elif _iskey(s) != _iskey(d) or (_iskey(s) and s.dtype != d.dtype):
                 self.problems.append(f"{where(path)}: cannot load {describe(s)} into {describe(d)}")
             elif tuple(s.shape) != tuple(d.shape):
                 self.problems.append(
