@@ -11,6 +11,7 @@ from typing import Any, Generic, NamedTuple, TypeVar, cast
 import jax
 import jax.numpy as jnp
 import numpy as np
+from flax import nnx
 from jax import tree_util as jtu
 
 from . import _engine
@@ -34,12 +35,13 @@ class LayoutEntry(NamedTuple):
 class _Structure(NamedTuple):
     """What a tree's shape alone decides: cached per treedef for plain trees."""
 
-    key: Any  # hashable: the treedef, or the walk's frames for trees with mutable nodes
+    key: Any  # hashable: the treedef, or the walk's frames for trees with ties
     unflatten: Callable[[list[Any]], Any]
     paths: list[tuple[Any, ...]]
     train: list[bool]
     root: str
-    mutable: bool
+    tied: bool  # rebuilt from a walk (ties); never cached
+    mutable: bool  # has nnx Variables: check for ties before using the cache
 
 
 class _Plan:
@@ -102,24 +104,31 @@ def _remember(cache: Any, key: Any, value: Any) -> Any:
     return value
 
 
+def _untied(tree: Any) -> bool:
+    """No nnx.Variable at two places (one C++ flatten that stops at them)."""
+    nodes = jtu.tree_leaves(tree, is_leaf=lambda x: isinstance(x, nnx.Variable))
+    ids = {id(x) for x in nodes if isinstance(x, nnx.Variable)}
+    return len(ids) == sum(isinstance(x, nnx.Variable) for x in nodes)
+
+
 def _structure(tree: Any) -> tuple[list[Any], _Structure]:
-    """The tree's leaves and structure; plain pytrees hit a cache keyed on
-    the treedef, trees with mutable (tie-able) nodes are walked each time."""
+    """The tree's leaves and structure, cached on the treedef. Trees whose
+    nnx Variables are tied (one object at two places) are walked each time,
+    since identity is not part of a treedef."""
     is_leaf = P.is_registered_leaf if P._LEAF_TYPES else None
     leaves, td = jtu.tree_flatten(tree, is_leaf=is_leaf)
     treedef: Any = td
     ckey = (treedef, P._VERSION[0])
     st = _STRUCTURES.get(ckey)
-    if st is not None and not st.mutable:
+    if st is not None and (not st.mutable or _untied(tree)):
         return leaves, st
     w = walk(tree)
     root = type(tree).__name__
-    if not w.mutable:
-        st = _Structure(treedef, treedef.unflatten, w.paths, w.train, root, False)
+    if not w.tied:
+        st = _Structure(treedef, treedef.unflatten, w.paths, w.train, root, False, w.mutable)
         return w.leaves, _remember(_STRUCTURES, ckey, st)
-    _STRUCTURES[ckey] = _Structure(None, w.build, [], [], root, True)  # "walk me"
     key = w.skeleton()
-    return w.leaves, _Structure(key, functools.partial(rebuild, key), w.paths, w.train, root, True)
+    return w.leaves, _Structure(key, functools.partial(rebuild, key), w.paths, w.train, root, True, True)
 
 
 _INEXACT: dict[Any, bool] = {}
@@ -336,7 +345,7 @@ def destructure(
       {'x': Array([3., 5.], dtype=float32), 'y': (<PjitFunction of <function sin at ...>>, Array([7.+11.j], dtype=complex64))}
     """
     leaves, st = _structure(tree)
-    hot_key = (st.key, P._VERSION[0]) if filter is None and sharding is None and not st.mutable else None
+    hot_key = (st.key, P._VERSION[0]) if filter is None and sharding is None and not st.tied else None
     if hot_key is not None:
         plan = _HOT.get(hot_key)
         if plan is not None and plan.programs.concat is not None and plan.fits(leaves):
