@@ -67,7 +67,7 @@ class _Plan:
             )
         )
         self.length = stops[-1] if stops else 0
-        self.programs = _engine.Programs(spec, self.dtype)
+        self.programs = _engine.Programs(spec, self.dtype, shardings, flat_sharding)
         # Index lists for the hot path (see destructure).
         self.idx = [i for i, k in enumerate(kinds) if k >= 0]
         self.array_idx = [i for i, k in enumerate(kinds) if k == _NONPARAM_ARRAY]

@@ -12,7 +12,8 @@
     a 1000-leaf structure compiles in a fraction of a second, where one
     slice per leaf takes XLA:CPU ~10 ms each).
 * Anything else (accelerators, meshes): one jitted program per structure
-  and sharding, cached, with the output shardings pinned.
+  and sharding, cached. Over a mesh, the moves are written out by hand
+  (``_sharded``) so that no device ever holds much more than its share.
 
 The compiled concatenate is a ``jax.stages.Compiled`` object, which checks
 the argument types and shardings of every call; a mismatch falls back to
@@ -29,6 +30,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from jax import lax
+
+from . import _sharded
 
 # spec: tuple of (shape, dtype) per parameter, in flat order.
 Spec = tuple[tuple[tuple[int, ...], Any], ...]
@@ -74,9 +77,11 @@ def _cast(x: Any, dtype: Any, xp: Any) -> Any:
 class Programs:
     """The compiled fast paths of one plan (see the module docstring)."""
 
-    def __init__(self, spec: Spec, dtype: Any) -> None:
+    def __init__(self, spec: Spec, dtype: Any, shardings: Any = None, flat_sharding: Any = None) -> None:
         self.spec = spec
         self.dtype = dtype
+        self.shardings = shardings  # the leaves' shardings over a mesh, or None
+        self.flat_sharding = flat_sharding
         stops = np.cumsum(sizes(spec)).tolist() if spec else []
         self.slices = [slice(a, b) for a, b in zip([0, *stops[:-1]], stops)]
         self.concat: Any = None
@@ -88,7 +93,7 @@ class Programs:
         if not params:
             return jnp.zeros((0,), self.dtype)
         if _traced(params):
-            return _concat_traced(params, self.dtype, sharding)
+            return _concat_traced(params, self.dtype, sharding, self.shardings)
         if self.concat is not None:
             try:
                 return self.concat(*params)  # type: ignore[no-any-return]
@@ -96,7 +101,8 @@ class Programs:
                 pass  # other types or devices than compiled for
         device = None if sharding is not None else _on_host(params)
         if device is None:
-            return _concat_program(jnp.dtype(self.dtype), sharding)(list(params))
+            program = _concat_program(jnp.dtype(self.dtype), sharding, self.shardings)
+            return program(list(params))  # type: ignore[no-any-return]
         host = [np.asarray(p).reshape(-1) for p in params]
         out = jax.device_put(np.concatenate(host, dtype=self.dtype), device)
         self.flatten_calls += 1
@@ -112,9 +118,10 @@ class Programs:
     # ------------------------------------------------------------ rebuild
     def unflatten(self, v: jax.Array, shardings: Any) -> list[Any]:
         if isinstance(v, jax.core.Tracer):
-            return _split_traced(self.spec, v, shardings)
+            return _split_traced(self.spec, v, shardings, self.flat_sharding)
         if shardings is not None or _on_host([v]) is None:
-            return _split_program(self.spec, shardings)(v)  # type: ignore[no-any-return]
+            program = _split_program(self.spec, shardings, self.flat_sharding)
+            return program(v)  # type: ignore[no-any-return]
         key = (v.dtype, v.sharding)
         program = self.split.get(key)
         if program is None:
@@ -156,28 +163,24 @@ def _abstract(p: Any, device: Any) -> jax.ShapeDtypeStruct:
 # ---------------------------------------------------------------- traced ops
 
 
-def _explicit(sharding: Any) -> bool:
-    mesh = getattr(sharding, "mesh", None)
-    types = getattr(mesh, "axis_types", ())
-    return any(t == jax.sharding.AxisType.Explicit for t in types)
-
-
-def _concat_traced(params: list[Any], dtype: Any, sharding: Any = None) -> jax.Array:
+def _concat_traced(
+    params: list[Any], dtype: Any, sharding: Any = None, shardings: Any = None
+) -> jax.Array:
     if not params:
         return jnp.zeros((0,), dtype)
-
-    def cat(*ps: Any) -> jax.Array:
-        return jnp.concatenate([jnp.ravel(p).astype(dtype) for p in ps])
-
     if sharding is None:
-        typed = [jax.typeof(p).sharding for p in params]
-        sharding = next((s for s in typed if _explicit(s)), None)
-        if sharding is not None:  # explicitly sharded tracers: let XLA lay it out
-            sharding = jax.sharding.NamedSharding(sharding.mesh, jax.sharding.PartitionSpec())
-    if _explicit(sharding):
-        return jax.sharding.auto_axes(cat, out_sharding=sharding)(*params)  # type: ignore[no-any-return]
-    out = cat(*params)
-    return out if sharding is None else jax.lax.with_sharding_constraint(out, sharding)
+        typed: list[Any] = [getattr(jax.typeof(p), "sharding", None) for p in params]
+        mesh = next((t.mesh for t in typed if _explicit(t)), None)
+        if mesh is not None:  # explicitly sharded tracers: replicate unless told
+            sharding = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
+    if sharding is not None:  # a mesh: memory-bounded moves (see _sharded)
+        return _sharded.concat(params, dtype, sharding, shardings=shardings)
+    return jnp.concatenate([jnp.ravel(p).astype(dtype) for p in params])
+
+
+def _explicit(sharding: Any) -> bool:
+    types = getattr(getattr(sharding, "mesh", None), "axis_types", ())
+    return any(t == jax.sharding.AxisType.Explicit for t in types)
 
 
 def _concat_varargs(*params: Any, dtype: Any) -> jax.Array:
@@ -185,31 +188,29 @@ def _concat_varargs(*params: Any, dtype: Any) -> jax.Array:
 
 
 @functools.lru_cache(maxsize=256)
-def _concat_program(dtype: Any, sharding: Any) -> Any:
-    return jax.jit(functools.partial(_concat_traced, dtype=dtype, sharding=sharding))
+def _concat_program(dtype: Any, sharding: Any, shardings: Any) -> Any:
+    return jax.jit(
+        functools.partial(_concat_traced, dtype=dtype, sharding=sharding, shardings=shardings)
+    )
 
 
-def _split_traced(spec: Spec, v: jax.Array, shardings: Any = None) -> list[jax.Array]:
+def _split_traced(
+    spec: Spec, v: jax.Array, shardings: Any = None, flat_sharding: Any = None
+) -> list[jax.Array]:
     if not spec:
         return []
-
-    def cut(v: jax.Array) -> list[jax.Array]:
-        pieces = lax.split(v, sizes(spec), axis=v.ndim - 1)
-        lead = v.shape[:-1]
-        return [_cast(p.reshape(*lead, *shape), dt, jnp) for p, (shape, dt) in zip(pieces, spec)]
-
-    if shardings is None:
-        return cut(v)
-    if _explicit(shardings[0]) and v.ndim == 1:
-        return jax.sharding.auto_axes(cut, out_sharding=list(shardings))(v)  # type: ignore[no-any-return]
-    if v.ndim == 1:
-        return [jax.lax.with_sharding_constraint(p, s) for p, s in zip(cut(v), shardings)]
-    return cut(v)  # batched (vmap): leave the layout to XLA
+    if shardings is not None and v.ndim == 1:  # a mesh: see _sharded
+        return _sharded.split(v, spec, shardings, flat_sharding=flat_sharding)
+    pieces = lax.split(v, sizes(spec), axis=v.ndim - 1)
+    lead = v.shape[:-1]
+    return [_cast(p.reshape(*lead, *shape), dt, jnp) for p, (shape, dt) in zip(pieces, spec)]
 
 
 @functools.lru_cache(maxsize=256)
-def _split_program(spec: Spec, shardings: Any) -> Any:
-    return jax.jit(functools.partial(_split_traced, spec, shardings=shardings))
+def _split_program(spec: Spec, shardings: Any, flat_sharding: Any) -> Any:
+    return jax.jit(
+        functools.partial(_split_traced, spec, shardings=shardings, flat_sharding=flat_sharding)
+    )
 
 
 @functools.partial(jax.custom_jvp, nondiff_argnums=(0, 1))
@@ -226,4 +227,5 @@ def split(programs: Programs, shardings: Any, v: jax.Array) -> list[jax.Array]:
 @split.defjvp
 def _split_jvp(programs: Programs, shardings: Any, primals: Any, tangents: Any) -> Any:
     (v,), (t,) = primals, tangents
-    return split(programs, shardings, v), _split_traced(programs.spec, t, shardings)
+    tangent = _split_traced(programs.spec, t, shardings, programs.flat_sharding)
+    return split(programs, shardings, v), tangent

@@ -1,0 +1,660 @@
+"""Flatten and rebuild for parameters sharded over one mesh, without
+replicating the model on any device.
+
+A plain ``jnp.concatenate`` of sharded parameters (or a ``lax.split`` of a
+sharded flat vector) is correct, but XLA's SPMD partitioner lays it out by
+gathering far more than it keeps: for an 8-way FSDP model of 32 MB per
+device it needs ~500 MB of temporaries. Here the moves are written out by
+hand, inside one ``jax.shard_map`` over the whole mesh:
+
+* The flat vector is cut into *chunks* in flat order: a chunk is a run of
+  whole small parameters, or a band of rows of one large parameter (rows
+  ``a:b`` of every device's local block). No chunk is larger than about an
+  eighth of a device's block of ``flat`` (``CHUNK_FRACTION``), unless a
+  single row of a parameter is.
+* flatten (``concat``): for each chunk in turn, the devices ``all_gather``
+  its pieces (so each holds the chunk, raveled, cast to the flat dtype)
+  and every device copies into its own block of ``flat`` the part that
+  falls there: a few static ``dynamic_update_slice`` of a select (taken
+  on the one device whose block it is, a no-op write elsewhere).
+* rebuild (``split``): for each chunk in turn, every device puts the part
+  of the chunk its block holds into a zero buffer and the devices add
+  these up as unsigned integers (bit-exact: each element is non-zero on
+  one device only). When the axes splitting the parameter's rows are all
+  flat axes (FSDP), that is a ``psum_scatter`` that hands each device its
+  own rows (then an ``all_gather`` over the remaining flat axes, if any);
+  otherwise a ``psum`` of the chunk, of which each device slices its block.
+
+Chunks are processed one after another: the next chunk's input depends on
+the previous chunk's output through a select whose predicate is never true
+at run time (``device index >= device count``), which the compiler cannot
+see through, so at most one chunk is in flight and the temporaries stay at
+about one chunk per device.
+
+Values are moved, never combined: the result is bit-identical to the plain
+formulation (signed zeros and NaN payloads included).
+
+Differentiation, batching: both directions are one primitive,
+``jaxflat_sharded``, linear in its operands; its JVP is itself and its
+transpose is the other direction (the transpose of the rebuild is the
+flatten, so ``jax.grad`` through a rebuild costs one flatten). Under
+``jax.vmap`` it is applied per batch element by vmapping the shard_map
+body (the batch axis unsharded). Higher derivatives and any nesting work.
+
+Where the scheme does not apply (no common ``Mesh``, a sharding other than
+``NamedSharding``, a dimension that a mesh axis does not divide, a flat
+length its axes do not divide, manual axes of an enclosing shard_map,
+leaves whose shardings are unknown under ``jit`` on an Auto mesh), the
+plain formulation is used.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax import lax
+from jax.extend.core import Primitive
+from jax.interpreters import ad, batching, mlir
+from jax.sharding import AxisType, Mesh, NamedSharding
+
+__all__ = ["concat", "split"]
+
+# The largest chunk, as a fraction of a device's block of the flat vector
+# (elements), and a floor so tiny models are not cut into tiny pieces.
+CHUNK_FRACTION = 8
+CHUNK_FLOOR = 1 << 16
+
+
+# ------------------------------------------------------------------ plan
+
+
+class _Chunk:
+    """One step: which parameters (or rows of one) it holds, and where.
+
+    ``items``: ``(leaf, a, b)``, rows ``a:b`` of the leaf's local block
+    (``a, b = 0, rows`` for a whole leaf). The chunk's gathered buffer holds
+    them raveled, one after another (a band of rows: device 0's rows, then
+    device 1's, ...). ``ranges``: ``(g, f, length)``, buffer offset ``g``
+    is ``flat[f:f + length]``. ``segs``: ``(block, offset, g, length)``,
+    the ranges cut at the blocks of ``flat``. For the rebuild, ``order``
+    lists ``(g, length)`` pieces of the buffer in the order the reduction
+    wants them, ``cut`` the same as ``(block, offset, length)``, and
+    ``scatter`` names the axes to ``psum_scatter`` over (the flat axes
+    that do not split the leaf, then those that do) and the ones to
+    ``all_gather`` back over, or is None (a full ``psum``).
+    """
+
+    __slots__ = ("items", "size", "ranges", "segs", "scatter", "cut")
+
+    def __init__(self, items: list[tuple[int, int, int]], ranges: list[tuple[int, int, int]],
+                 block: int, scatter: Any = None, order: Any = None) -> None:
+        self.items = tuple(items)
+        self.ranges = tuple(_merge(ranges))
+        self.size = sum(n for _, _, n in self.ranges)
+        self.segs = tuple(self._cut(0, self.size, block))
+        self.scatter = scatter
+        cut: list[tuple[int, int, int]] = []
+        for g0, n0 in order or [(0, self.size)]:
+            for jb, o, _, n in self._cut(g0, n0, block):
+                if cut and cut[-1][0] == jb and cut[-1][1] + cut[-1][2] == o:
+                    cut[-1] = (jb, cut[-1][1], cut[-1][2] + n)
+                else:
+                    cut.append((jb, o, n))
+        self.cut = tuple(cut)
+
+    def _cut(self, g0: int, n0: int, block: int) -> list[tuple[int, int, int, int]]:
+        """Buffer ``[g0, g0 + n0)`` as (block, offset, g, length) pieces."""
+        out = []
+        for g, f, n in self.ranges:
+            lo, hi = max(g, g0), min(g + n, g0 + n0)
+            f, stop = f + lo - g, f + hi - g
+            while f < stop:
+                jb = f // block
+                e = min(stop, (jb + 1) * block)
+                out.append((jb, f - jb * block, lo, e - f))
+                lo, f = lo + e - f, e
+        return out
+
+
+def _merge(ranges: list[tuple[int, int, int]]) -> list[tuple[int, int, int]]:
+    out: list[tuple[int, int, int]] = []
+    for g, f, n in ranges:
+        if n == 0:
+            continue
+        if out and out[-1][0] + out[-1][2] == g and out[-1][1] + out[-1][2] == f:
+            out[-1] = (out[-1][0], out[-1][1], out[-1][2] + n)
+        else:
+            out.append((g, f, n))
+    return out
+
+
+class _Plan:
+    """Everything static about one sharded flatten/rebuild. Interned (see
+    ``_plan``), so identity is equality: it is a primitive parameter."""
+
+    def __init__(self, mesh: Any, shapes: tuple[tuple[int, ...], ...], dtypes: tuple[Any, ...],
+                 dims: tuple[tuple[tuple[str, ...], ...], ...], dtype: Any,
+                 flat_axes: tuple[str, ...], specs: tuple[Any, ...], budget: int) -> None:
+        self.mesh = mesh
+        self.shapes = shapes
+        self.dtypes = dtypes
+        self.dims = dims  # per leaf, per dimension: the mesh axes splitting it
+        self.dtype = dtype
+        self.flat_axes = flat_axes
+        size = dict(zip(mesh.axis_names, mesh.axis_sizes))
+        self.axis_size = size
+        self.k = int(np.prod([size[a] for a in flat_axes], dtype=np.int64))
+        self.sizes = [int(np.prod(s, dtype=np.int64)) for s in shapes]
+        self.n = sum(self.sizes)
+        self.block = self.n // self.k
+        self.starts = np.cumsum([0, *self.sizes])[:-1].tolist()
+        self.parts = [tuple(int(np.prod([size[a] for a in ax], dtype=np.int64)) for ax in d)
+                      for d in dims]
+        self.local = [tuple(s // m for s, m in zip(sh, pt)) for sh, pt in zip(shapes, self.parts)]
+        self.flat_spec = specs[-1]  # as given: explicit types compare specs as written
+        self.leaf_specs = specs[:-1]
+        self.budget = budget
+        self.concat_chunks = self._chunks(budget, False)
+        self.split_chunks = self._chunks(budget, True)
+
+    def _scatter(self, i: int) -> Any:
+        """For the rebuild of leaf ``i``: (psum_scatter axes, all_gather
+        axes), when the axes splitting its rows are all flat axes."""
+        t0 = self.dims[i][0] if self.shapes[i] else ()
+        if self.k == 1 or not t0 or not set(t0) <= set(self.flat_axes):
+            return None
+        rest = tuple(a for a in self.flat_axes if a not in t0)
+        return rest + t0, rest
+
+    def _chunks(self, budget: int, rebuild: bool) -> list[_Chunk]:
+        chunks: list[_Chunk] = []
+        group: list[tuple[int, int, int]] = []
+        gsize = 0
+        small = max(budget // 8, 1)
+        cap = budget // 2 if rebuild else budget  # a psum holds two copies
+
+        def flush() -> None:
+            nonlocal group, gsize
+            if group:
+                ranges, g = [], 0
+                for i, _, _ in group:
+                    ranges.append((g, self.starts[i], self.sizes[i]))
+                    g += self.sizes[i]
+                chunks.append(_Chunk(group, ranges, self.block))
+            group, gsize = [], 0
+
+        for i, shape in enumerate(self.shapes):
+            size = self.sizes[i]
+            if size == 0:
+                continue
+            rows = self.local[i][0] if shape else 1
+            if size <= small:
+                if gsize + size > cap:
+                    flush()
+                group.append((i, 0, rows))
+                gsize += size
+                continue
+            flush()
+            m0 = self.parts[i][0]
+            rs = size // shape[0]  # elements per (global) row
+            scatter = self._scatter(i) if rebuild else None
+            mr = self.k // m0 if scatter else 1  # flat devices per row block
+            step = mr // math.gcd(rs, mr)  # rows per band: a multiple of this
+            r = max(step, (budget if scatter or not rebuild else cap) // (m0 * rs) // step * step)
+            r2 = max(1, min(rows, cap // (m0 * rs)))  # for bands that cannot scatter
+            for a0 in range(0, rows, r):
+                b0 = min(rows, a0 + r)
+                fits = scatter is not None and (b0 - a0) % step == 0
+                for a in range(a0, b0, b0 - a0 if fits else r2):
+                    b = min(b0, a + (b0 - a0 if fits else r2))
+                    band = (b - a) * rs
+                    ranges = [(c * band, self.starts[i] + (c * rows + a) * rs, band)
+                              for c in range(m0)]
+                    if fits:
+                        q = band // mr  # device (r, c) gets piece r of row block c
+                        order = [(c * band + j * q, q) for j in range(mr) for c in range(m0)]
+                        chunks.append(_Chunk([(i, a, b)], ranges, self.block, scatter, order))
+                    else:
+                        chunks.append(_Chunk([(i, a, b)], ranges, self.block))
+        flush()
+        return chunks
+
+
+@functools.lru_cache(maxsize=128)
+def _plan(mesh: Any, shapes: Any, dtypes: Any, dims: Any, dtype: Any, flat_axes: Any,
+          specs: Any) -> _Plan:
+    n = sum(int(np.prod(s, dtype=np.int64)) for s in shapes)
+    size = dict(zip(mesh.axis_names, mesh.axis_sizes))
+    k = int(np.prod([size[a] for a in flat_axes], dtype=np.int64))
+    budget = max((n // k) // CHUNK_FRACTION, CHUNK_FLOOR)
+    return _Plan(mesh, shapes, dtypes, dims, dtype, flat_axes, specs, budget)
+
+
+def _axes(entry: Any) -> tuple[str, ...] | None:
+    """The mesh axes of one PartitionSpec entry (None: not understood)."""
+    if entry is None:
+        return ()
+    if isinstance(entry, str):
+        return (entry,)
+    if isinstance(entry, tuple) and all(isinstance(a, str) for a in entry):
+        return entry
+    return None
+
+
+def _dims(sharding: Any, shape: tuple[int, ...], mesh: Any) -> tuple[tuple[str, ...], ...] | None:
+    if not isinstance(sharding, NamedSharding) or not _same_mesh(sharding.mesh, mesh):
+        return None
+    if sharding.memory_kind not in (None, "device"):
+        return None
+    spec = sharding.spec
+    if getattr(spec, "unreduced", None) or getattr(spec, "reduced", None):
+        return None
+    if len(spec) > len(shape):
+        return None
+    size = dict(zip(mesh.axis_names, mesh.axis_sizes))
+    out = []
+    for d, n in enumerate(shape):
+        ax = _axes(spec[d]) if d < len(spec) else ()
+        if ax is None or any(a not in size for a in ax):
+            return None
+        if n % int(np.prod([size[a] for a in ax], dtype=np.int64)):
+            return None  # uneven: padded shards, left to XLA
+        out.append(ax)
+    return tuple(out)
+
+
+def _same_mesh(a: Any, b: Any) -> bool:
+    if a is b:
+        return True
+    if isinstance(a, Mesh) and isinstance(b, Mesh):
+        return a == b
+    return bool(a.axis_names == b.axis_names and a.axis_sizes == b.axis_sizes)
+
+
+def _manual() -> bool:
+    """Inside a shard_map: values are per-device blocks."""
+    ctx = jax.sharding.get_abstract_mesh()
+    return any(t == AxisType.Manual for t in getattr(ctx, "axis_types", ()) or ())
+
+
+def _mesh_ok(mesh: Any) -> bool:
+    if not isinstance(mesh, Mesh) or _manual():
+        return False
+    return not any(t == AxisType.Manual for t in getattr(mesh, "axis_types", ()))
+
+
+def _make_plan(shapes: Any, dtypes: Any, shardings: Any, dtype: Any, flat: Any) -> _Plan | None:
+    if not isinstance(flat, NamedSharding) or not _mesh_ok(flat.mesh) or not shapes:
+        return None
+    mesh = flat.mesh
+    if len(flat.spec) > 1 or flat.memory_kind not in (None, "device"):
+        return None
+    fax = _axes(flat.spec[0]) if len(flat.spec) else ()
+    if fax is None or any(a not in mesh.axis_names for a in fax):
+        return None
+    if shardings is None or len(shardings) != len(shapes):
+        return None
+    dims = []
+    for s, shape in zip(shardings, shapes):
+        d = _dims(s, shape, mesh)
+        if d is None:
+            return None
+        dims.append(d)
+    n = sum(int(np.prod(s, dtype=np.int64)) for s in shapes)
+    k = int(np.prod([mesh.shape[a] for a in fax], dtype=np.int64))
+    if n == 0 or n % k:
+        return None
+    specs = (*(s.spec for s in shardings), flat.spec)
+    return _plan(mesh, tuple(shapes), tuple(np.dtype(d) for d in dtypes), tuple(dims),
+                 np.dtype(dtype), tuple(fax), specs)
+
+
+# ---------------------------------------------------------- the moves
+
+
+def _cast(x: Any, dtype: Any) -> Any:
+    if jnp.iscomplexobj(x) and not jnp.issubdtype(dtype, jnp.complexfloating):
+        x = jnp.real(x)
+    return x.astype(dtype) if x.dtype != dtype else x
+
+
+def _index(axes: tuple[str, ...]) -> Any:
+    return lax.axis_index(axes if len(axes) > 1 else axes[0]) if axes else 0
+
+
+def _never(plan: _Plan) -> Any:
+    """A run-time false the compiler cannot fold: orders the chunks."""
+    names = tuple(plan.mesh.axis_names)
+    if plan.mesh.size == 1:
+        return None
+    return lax.axis_index(names if len(names) > 1 else names[0]) >= plan.mesh.size
+
+
+def _tie(x: Any, never: Any, dep: Any) -> Any:
+    """``x``, made to depend on ``dep`` (a scalar) without changing it."""
+    if never is None or dep is None:
+        return x
+    dep = lax.convert_element_type(jnp.real(dep) if not jnp.iscomplexobj(x) else dep, x.dtype)
+    return lax.select(jnp.broadcast_to(never, x.shape), jnp.broadcast_to(dep, x.shape), x)
+
+
+def _concat_body(plan: _Plan, *params: Any) -> Any:
+    never = _never(plan)
+    j = _index(plan.flat_axes)
+    buf = jnp.zeros((plan.block,), plan.dtype)
+    dep = None
+    for ch in plan.concat_chunks:
+        pieces = []
+        for i, a, b in ch.items:
+            x = params[i]
+            if x.ndim == 0:
+                x = x.reshape(1)
+            if b - a != x.shape[0]:
+                x = lax.slice_in_dim(x, a, b, axis=0)
+            x = _tie(x, never, dep)
+            for d in range(x.ndim - 1, -1, -1):
+                ax = plan.dims[i][d] if plan.dims[i] else ()
+                if ax:
+                    x = lax.all_gather(x, ax if len(ax) > 1 else ax[0], axis=d, tiled=True)
+            pieces.append(x.reshape(-1).astype(plan.dtype))
+        g = pieces[0] if len(pieces) == 1 else jnp.concatenate(pieces)
+        for jb, o, s, n in ch.segs:
+            upd = lax.slice_in_dim(g, s, s + n)
+            if plan.k > 1:
+                upd = lax.select(jnp.broadcast_to(j == jb, (n,)), upd, lax.slice_in_dim(buf, o, o + n))
+            buf = lax.dynamic_update_slice(buf, upd, (o,))
+        dep = buf[ch.segs[-1][1]]
+    return buf
+
+
+def _bits(x: Any) -> tuple[list[Any], Any]:
+    """``x`` as unsigned integers whose sum with zeros is exact."""
+    planes = [jnp.real(x), jnp.imag(x)] if jnp.iscomplexobj(x) else [x]
+    out = []
+    for p in planes:
+        width = p.dtype.itemsize
+        u = lax.bitcast_convert_type(p, {1: jnp.uint8, 2: jnp.uint16, 4: jnp.uint32,
+                                         8: jnp.uint64}[width])
+        out.append(u.astype(jnp.uint32) if width < 4 else u)
+    return out, x.dtype
+
+
+def _unbits(planes: list[Any], dtype: Any) -> Any:
+    vals = []
+    for u in planes:
+        real = jnp.finfo(dtype).dtype if jnp.issubdtype(dtype, jnp.complexfloating) else dtype
+        width = np.dtype(real).itemsize
+        if width < 4:
+            u = u.astype({1: jnp.uint8, 2: jnp.uint16}[width])
+        vals.append(lax.bitcast_convert_type(u, real))
+    return lax.complex(*vals) if len(vals) == 2 else vals[0]
+
+
+def _split_body(plan: _Plan, v: Any) -> list[Any]:
+    never = _never(plan)
+    j = _index(plan.flat_axes)
+    parts: list[list[Any]] = [[] for _ in plan.shapes]
+    dep = None
+    for ch in plan.split_chunks:
+        cut = []
+        for jb, o, n in ch.cut:
+            x = lax.slice_in_dim(v, o, o + n)
+            if plan.k > 1:
+                x = lax.select(jnp.broadcast_to(j == jb, (n,)), x, jnp.zeros_like(x))
+            cut.append(x)
+        c = cut[0] if len(cut) == 1 else jnp.concatenate(cut)
+        c = _tie(c, never, dep)
+        if plan.k > 1:
+            planes, dt = _bits(c)
+            if ch.scatter:
+                over, back = ch.scatter
+                planes = [lax.psum_scatter(p, _name(over), scatter_dimension=0, tiled=True)
+                          for p in planes]
+                if back:
+                    planes = [lax.all_gather(p, _name(back), axis=0, tiled=True) for p in planes]
+            else:
+                planes = [lax.psum(p, _name(plan.flat_axes)) for p in planes]
+            c = _unbits(planes, dt)
+        g = 0
+        for i, a, b in ch.items:
+            shape, dims, local = plan.shapes[i], plan.dims[i], plan.local[i]
+            if not shape:
+                parts[i].append(_cast(lax.slice_in_dim(c, g, g + 1).reshape(()), plan.dtypes[i]))
+                g += 1
+                continue
+            rows = b - a
+            m0 = 1 if ch.scatter else plan.parts[i][0]
+            full = (m0 * rows, *shape[1:])
+            size = int(np.prod(full, dtype=np.int64))
+            x = lax.slice_in_dim(c, g, g + size).reshape(full)
+            g += size
+            start = [(0 if ch.scatter else _index(dims[0])) * rows]
+            start += [_index(ax) * n for ax, n in zip(dims[1:], local[1:])]
+            if any(not isinstance(s, int) or s for s in start) or x.shape != (rows, *local[1:]):
+                x = lax.dynamic_slice(x, start, (rows, *local[1:]))
+            parts[i].append(_cast(x, plan.dtypes[i]))
+        dep = c[0]
+    out = []
+    for i, ps in enumerate(parts):
+        if not ps:
+            out.append(jnp.zeros(plan.local[i], plan.dtypes[i]))
+        else:
+            out.append(ps[0] if len(ps) == 1 else jnp.concatenate(ps))
+    return out
+
+
+def _name(axes: tuple[str, ...]) -> Any:
+    return axes if len(axes) > 1 else axes[0]
+
+
+def _shard_mapped(plan: _Plan, forward: bool) -> Any:
+    if forward:
+        return jax.shard_map(functools.partial(_concat_body, plan), mesh=plan.mesh,
+                             in_specs=plan.leaf_specs, out_specs=plan.flat_spec,
+                             check_vma=False)
+    return jax.shard_map(lambda v: _split_body(plan, v), mesh=plan.mesh,
+                         in_specs=plan.flat_spec, out_specs=list(plan.leaf_specs),
+                         check_vma=False)
+
+
+def _raw(*args: Any, plan: _Plan, forward: bool, batch: int) -> list[Any]:
+    """The move itself, on ``batch`` leading (unsharded) batch axes."""
+    fn = _shard_mapped(plan, forward)
+    if forward:
+        def run(*xs: Any) -> list[Any]:
+            return [fn(*xs)]
+    else:
+        def run(*xs: Any) -> list[Any]:
+            return list(fn(*xs))
+    for _ in range(batch):
+        run = jax.vmap(run)
+    return run(*args)
+
+
+# ------------------------------------------------------------ primitive
+
+_p = Primitive("jaxflat_sharded")
+_p.multiple_results = True
+
+
+@functools.lru_cache(maxsize=256)
+def _jitted(plan: _Plan, forward: bool, batch: int) -> Any:
+    return jax.jit(functools.partial(_raw, plan=plan, forward=forward, batch=batch))
+
+
+def _impl(*args: Any, plan: _Plan, forward: bool, batch: int) -> Any:
+    return _jitted(plan, forward, batch)(*args)
+
+
+@functools.lru_cache(maxsize=256)
+def _out_avals(plan: _Plan, forward: bool, batch: int, avals: tuple[Any, ...]) -> Any:
+    args = [jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=_typed_sharding(a)) for a in avals]
+    fn = functools.partial(_raw, plan=plan, forward=forward, batch=batch)
+    return tuple(jax.make_jaxpr(fn)(*args).out_avals)
+
+
+def _typed_sharding(aval: Any) -> Any:
+    s = getattr(aval, "sharding", None)
+    if isinstance(s, NamedSharding) and any(
+        t == AxisType.Explicit for t in getattr(s.mesh, "axis_types", ())
+    ):
+        return s
+    return None
+
+
+def _abstract(*avals: Any, plan: _Plan, forward: bool, batch: int) -> Any:
+    return list(_out_avals(plan, forward, batch, tuple(avals)))
+
+
+_p.def_impl(_impl)
+_p.def_abstract_eval(_abstract)
+mlir.register_lowering(_p, mlir.lower_fun(_raw, multiple_results=True))
+
+
+def _jvp(primals: Any, tangents: Any, *, plan: _Plan, forward: bool, batch: int) -> Any:
+    out = _p.bind(*primals, plan=plan, forward=forward, batch=batch)
+    ts = [ad.instantiate_zeros(t) for t in tangents]
+    return out, _p.bind(*ts, plan=plan, forward=forward, batch=batch)
+
+
+def _transpose(cts: Any, *args: Any, plan: _Plan, forward: bool, batch: int) -> Any:
+    cts = [ad.instantiate_zeros(c) for c in cts]
+    return _p.bind(*cts, plan=plan, forward=not forward, batch=batch)
+
+
+def _batch(args: Any, dims: Any, *, plan: _Plan, forward: bool, batch: int) -> Any:
+    size = next(x.shape[d] for x, d in zip(args, dims) if d is not None)
+    moved = [
+        jnp.moveaxis(x, d, 0) if d is not None else jnp.broadcast_to(x, (size, *x.shape))
+        for x, d in zip(args, dims)
+    ]
+    out = _p.bind(*moved, plan=plan, forward=forward, batch=batch + 1)
+    return out, [0] * len(out)
+
+
+ad.primitive_jvps[_p] = _jvp
+ad.primitive_transposes[_p] = _transpose
+batching.primitive_batchers[_p] = _batch
+
+
+# ---------------------------------------------------------- plain path
+
+
+def _explicit(sharding: Any) -> bool:
+    mesh = getattr(sharding, "mesh", None)
+    return any(t == AxisType.Explicit for t in getattr(mesh, "axis_types", ()))
+
+
+def _plain_concat(params: list[Any], dtype: Any, flat_sharding: Any) -> jax.Array:
+    def cat(*ps: Any) -> jax.Array:
+        return jnp.concatenate([jnp.ravel(p).astype(dtype) for p in ps])
+
+    if _explicit(flat_sharding):
+        return jax.sharding.auto_axes(cat, out_sharding=flat_sharding)(*params)  # type: ignore[no-any-return]
+    out = cat(*params)
+    if isinstance(flat_sharding, jax.sharding.Sharding) and not _manual():
+        out = lax.with_sharding_constraint(out, flat_sharding)
+    return out
+
+
+def _plain_split(v: Any, spec: Any, shardings: Any) -> list[Any]:
+    sizes = [int(np.prod(shape, dtype=np.int64)) for shape, _ in spec]
+
+    def cut(v: Any) -> list[Any]:
+        pieces = lax.split(v, sizes, axis=v.ndim - 1)
+        lead = v.shape[:-1]
+        return [_cast(p.reshape(*lead, *shape), dt) for p, (shape, dt) in zip(pieces, spec)]
+
+    if v.ndim != 1 or _manual() or shardings is None or any(
+        not isinstance(s, jax.sharding.Sharding) for s in shardings
+    ):
+        return cut(v)  # batched rows: the layout is left to XLA
+    if _explicit(shardings[0]):
+        return jax.sharding.auto_axes(cut, out_sharding=list(shardings))(v)  # type: ignore[no-any-return]
+    return [lax.with_sharding_constraint(p, s) for p, s in zip(cut(v), shardings)]
+
+
+# ---------------------------------------------------------------- API
+
+
+def _typeof_sharding(x: Any) -> Any:
+    """A concrete array's sharding, or a tracer's explicit sharding type."""
+    if isinstance(x, jax.Array) and not isinstance(x, jax.core.Tracer):
+        return x.sharding
+    s = getattr(jax.typeof(x), "sharding", None)
+    return s if _explicit(s) and isinstance(s, NamedSharding) else None
+
+
+def concat(params: list[Any], dtype: Any, flat_sharding: Any,
+           shardings: Any = None) -> jax.Array:
+    """The parameters raveled, cast to ``dtype`` and concatenated, laid out
+    as ``flat_sharding``; bit-identical to ``jnp.concatenate``.
+
+    ``shardings``: the parameters' ``NamedSharding`` s, needed under ``jit``
+    on an Auto mesh, where tracers do not carry them (on an Explicit mesh,
+    and for concrete arrays, they are read off the parameters). Without
+    them, or where the scheme does not apply, the plain formulation runs.
+    """
+    params = list(params)
+    dtype = np.dtype(dtype)
+    if not params:
+        return jnp.zeros((0,), dtype)
+    given = list(shardings) if shardings is not None else [None] * len(params)
+    if len(given) != len(params):
+        return _plain_concat(params, dtype, flat_sharding)
+    typed = [_typeof_sharding(p) for p in params]
+    shardings = [_concrete(t if t is not None else s, flat_sharding) for t, s in zip(typed, given)]
+    plan = _make_plan([tuple(p.shape) for p in params], [p.dtype for p in params],
+                      shardings, dtype, flat_sharding)
+    if plan is None:
+        return _plain_concat(params, dtype, flat_sharding)
+    (out,) = _p.bind(*params, plan=plan, forward=True, batch=0)
+    return out  # type: ignore[no-any-return]
+
+
+def split(v: Any, spec: Any, shardings: Any, flat_sharding: Any = None) -> list[Any]:
+    """``v`` cut into parameters of ``spec`` (``((shape, dtype), ...)``),
+    each cast to its dtype and laid out as its entry of ``shardings``;
+    bit-identical to ``lax.split`` and a reshape.
+
+    ``flat_sharding``: the layout ``v`` has (or should have); by default
+    ``v``'s own (concrete or explicitly typed), else the one
+    ``_sharding.flat_sharding`` gives these parameters. Where the scheme
+    does not apply, the plain formulation runs.
+    """
+    spec = tuple((tuple(shape), np.dtype(dt)) for shape, dt in spec)
+    if not spec:
+        return []
+    if shardings is None or v.ndim != 1:
+        return _plain_split(v, spec, shardings)
+    typed = _typeof_sharding(v)
+    flat_sharding = typed if typed is not None else flat_sharding
+    if flat_sharding is None:
+        from ._sharding import flat_sharding as default
+
+        flat_sharding = default(
+            [jax.ShapeDtypeStruct(shape, dt, sharding=s) for (shape, dt), s in zip(spec, shardings)]
+        )
+    flat_sharding = _concrete(flat_sharding, shardings[0])
+    shardings = [_concrete(s, flat_sharding) for s in shardings]
+    plan = _make_plan([shape for shape, _ in spec], [dt for _, dt in spec], shardings,
+                      np.dtype(v.dtype), flat_sharding)
+    if plan is None or v.shape != (plan.n,):
+        return _plain_split(v, spec, shardings)
+    return _p.bind(v, plan=plan, forward=False, batch=0)  # type: ignore[no-any-return]
+
+
+def _concrete(s: Any, other: Any) -> Any:
+    """``s`` on a concrete ``Mesh``: an abstract-mesh sharding (a tracer's
+    type) takes ``other``'s mesh when that is concrete and alike."""
+    if not isinstance(s, NamedSharding) or isinstance(s.mesh, Mesh):
+        return s
+    mesh = getattr(other, "mesh", None)
+    if isinstance(mesh, Mesh) and _same_mesh(s.mesh, mesh) and s.mesh.axis_types == mesh.axis_types:
+        return NamedSharding(mesh, s.spec, memory_kind=s.memory_kind)
+    return s
