@@ -198,8 +198,12 @@ def _nonzero(s: Any) -> bool:
     return bool(np.any(np.asarray(s)))
 
 
+_MOVE = object()  # _place's answer: "device_put me to this sharding", batched by the caller
+
+
 def _place(d: Any, s: Any) -> Any:
-    """``s`` with ``d``'s dtype, kind (numpy or jax) and device/sharding."""
+    """``s`` with ``d``'s dtype, kind (numpy or jax) and device/sharding;
+    or ``(_MOVE, value, sharding)`` for a device_put left to the caller."""
     if s is None:
         s = np.zeros(d.shape, d.dtype) if not jax.dtypes.issubdtype(d.dtype, jax.dtypes.prng_key) else d
     dtype = d.dtype
@@ -214,7 +218,7 @@ def _place(d: Any, s: Any) -> Any:
         return jnp.asarray(s)
     if isinstance(s, jax.Array) and s.sharding == sharding:
         return s
-    return jax.device_put(s, sharding)
+    return (_MOVE, s, sharding)
 
 
 def match(dst: Any, src: Any) -> _Matcher:
@@ -254,8 +258,15 @@ def loadmodel(dst: T, src: Any, /) -> T:
     ]
     raise_all("loadmodel", problems)
     leaves = list(m.w.leaves)
+    moves = []
     for i, (s, _) in m.assigned.items():
         leaves[i] = _place(leaves[i], s)
+        if type(leaves[i]) is tuple and leaves[i][0] is _MOVE:
+            moves.append(i)
+    if moves:  # one batched transfer for all of them
+        values = jax.device_put([leaves[i][1] for i in moves], [leaves[i][2] for i in moves])
+        for i, v in zip(moves, values):
+            leaves[i] = v
     return m.w.build(leaves)  # type: ignore[no-any-return]
 
 
