@@ -10,7 +10,9 @@
   - rebuild: a program holding one host callback that cuts the vector into
     numpy views (XLA compiles one custom call, not one kernel per leaf, so
     a 1000-leaf structure compiles in a fraction of a second, where one
-    slice per leaf takes XLA:CPU ~10 ms each).
+    slice per leaf takes XLA:CPU ~10 ms each). For structures of at most
+    ``XLA_SPLIT_MAX_LEAVES`` leaves, the plain XLA split is compiled in the
+    background from the second call on, and used once ready.
 * Anything else (accelerators, meshes): one jitted program per structure
   and sharding, cached. Over a mesh, the moves are written out by hand
   (``_sharded``) so that no device ever holds much more than its share.
@@ -37,6 +39,9 @@ from . import _sharded
 Spec = tuple[tuple[tuple[int, ...], Any], ...]
 
 _POOL = concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="jaxflat")
+# XLA:CPU compiles a split at ~10 ms per output: worth it in the background
+# for small structures only (a plain copy beats the host callback there).
+XLA_SPLIT_MAX_LEAVES = 256
 
 
 def sizes(spec: Spec) -> list[int]:
@@ -86,7 +91,8 @@ class Programs:
         self.slices = [slice(a, b) for a, b in zip([0, *stops[:-1]], stops)]
         self.concat: Any = None
         self.split: dict[Any, Any] = {}
-        self.flatten_calls = 0
+        self.xla_split: Any = None
+        self.flatten_calls = self.split_calls = 0
 
     # ------------------------------------------------------------ flatten
     def flatten(self, params: list[Any], sharding: Any) -> jax.Array:
@@ -122,11 +128,24 @@ class Programs:
         if shardings is not None or _on_host([v]) is None:
             program = _split_program(self.spec, shardings, self.flat_sharding)
             return program(v)  # type: ignore[no-any-return]
+        if self.xla_split is not None:
+            try:
+                return self.xla_split(v)  # type: ignore[no-any-return]
+            except (TypeError, ValueError):
+                pass  # another dtype or device than compiled for
         key = (v.dtype, v.sharding)
         program = self.split.get(key)
         if program is None:
             program = self.split[key] = self._compile_split(v)
+        self.split_calls += 1
+        if self.split_calls == 2 and len(self.spec) <= XLA_SPLIT_MAX_LEAVES:
+            aval = jax.ShapeDtypeStruct(v.shape, v.dtype, sharding=v.sharding)
+            _POOL.submit(self._compile_xla_split, aval)
         return program(v)  # type: ignore[no-any-return]
+
+    def _compile_xla_split(self, aval: Any) -> None:
+        fn = functools.partial(_split_traced, self.spec)
+        self.xla_split = jax.jit(fn).lower(aval).compile()
 
     def _compile_split(self, v: jax.Array) -> Any:
         out = [jax.ShapeDtypeStruct(shape, dtype) for shape, dtype in self.spec]
