@@ -42,6 +42,11 @@ _POOL = concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix=
 # XLA:CPU compiles a split at ~10 ms per output: worth it in the background
 # for small structures only (a plain copy beats the host callback there).
 XLA_SPLIT_MAX_LEAVES = 256
+CALLBACK_CHUNK = 1024
+# Above this, numpy's memcpy beats XLA:CPU's concatenate and split, and the
+# host path is kept for good.
+HOST_ONLY_BYTES = 64 * 2**20
+ALIGN = 64
 
 
 def sizes(spec: Spec) -> list[int]:
@@ -89,9 +94,9 @@ class Programs:
         self.flat_sharding = flat_sharding
         stops = np.cumsum(sizes(spec)).tolist() if spec else []
         self.slices = [slice(a, b) for a, b in zip([0, *stops[:-1]], stops)]
-        self.concat: Any = None
-        self.split: dict[Any, Any] = {}
-        self.xla_split: Any = None
+        self.nbytes = (stops[-1] if stops else 0) * np.dtype(dtype).itemsize
+        self.concat: Any = None  # a Compiled concatenate, once built
+        self.split: Any = None  # a callable v -> pieces (Compiled programs), once built
         self.flatten_calls = self.split_calls = 0
 
     # ------------------------------------------------------------ flatten
@@ -109,13 +114,13 @@ class Programs:
         if device is None:
             program = _concat_program(jnp.dtype(self.dtype), sharding, self.shardings)
             return program(list(params))  # type: ignore[no-any-return]
-        host = [np.asarray(p).reshape(-1) for p in params]
-        out = jax.device_put(np.concatenate(host, dtype=self.dtype), device)
+        out = _aligned(sum(int(np.prod(p.shape)) for p in params), self.dtype)
+        np.concatenate([np.asarray(p).reshape(-1) for p in params], out=out)
         self.flatten_calls += 1
-        if self.flatten_calls == 2:  # used again: worth a compiled program
+        if self.flatten_calls == 2 and self.nbytes < HOST_ONLY_BYTES:
             avals = [_abstract(p, device) for p in params]
             _POOL.submit(self._compile_concat, avals)
-        return out
+        return jax.device_put(out, device)  # aliases the aligned buffer: no copy
 
     def _compile_concat(self, avals: list[Any]) -> None:
         fn = functools.partial(_concat_varargs, dtype=self.dtype)
@@ -125,49 +130,82 @@ class Programs:
     def unflatten(self, v: jax.Array, shardings: Any) -> list[Any]:
         if isinstance(v, jax.core.Tracer):
             return _split_traced(self.spec, v, shardings, self.flat_sharding)
-        if shardings is not None or _on_host([v]) is None:
+        device = None if shardings is not None else _on_host([v])
+        if device is None:
             program = _split_program(self.spec, shardings, self.flat_sharding)
             return program(v)  # type: ignore[no-any-return]
-        if self.xla_split is not None:
+        if self.split is not None:
             try:
-                return self.xla_split(v)  # type: ignore[no-any-return]
+                return self.split(v)  # type: ignore[no-any-return]
             except (TypeError, ValueError):
                 pass  # another dtype or device than compiled for
-        key = (v.dtype, v.sharding)
-        program = self.split.get(key)
-        if program is None:
-            program = self.split[key] = self._compile_split(v)
-        self.split_calls += 1
-        if self.split_calls == 2 and len(self.spec) <= XLA_SPLIT_MAX_LEAVES:
-            aval = jax.ShapeDtypeStruct(v.shape, v.dtype, sharding=v.sharding)
-            _POOL.submit(self._compile_xla_split, aval)
-        return program(v)  # type: ignore[no-any-return]
-
-    def _compile_xla_split(self, aval: Any) -> None:
-        fn = functools.partial(_split_traced, self.spec)
-        self.xla_split = jax.jit(fn).lower(aval).compile()
-
-    def _compile_split(self, v: jax.Array) -> Any:
-        out = [jax.ShapeDtypeStruct(shape, dtype) for shape, dtype in self.spec]
+        a = np.asarray(v)
         vdt = np.dtype(v.dtype)
-        steps = [
-            (s, shape, None if np.dtype(dt) == vdt else np.dtype(dt), _drops_imag(vdt, dt))
-            for s, (shape, dt) in zip(self.slices, self.spec)
-        ]
+        out = jax.device_put([_piece(a, s, shape, vdt, dt) for s, (shape, dt) in
+                              zip(self.slices, self.spec)], device)
+        self.split_calls += 1
+        if self.split_calls == 2 and self.nbytes < HOST_ONLY_BYTES:
+            aval = jax.ShapeDtypeStruct(v.shape, v.dtype, sharding=v.sharding)
+            _POOL.submit(self._compile_split, aval)
+        return out  # type: ignore[no-any-return]
+
+    def _compile_split(self, aval: Any) -> None:
+        if len(self.spec) <= XLA_SPLIT_MAX_LEAVES:  # a plain XLA split
+            fn = functools.partial(_split_traced, self.spec)
+            self.split = jax.jit(fn).lower(aval).compile()
+            return
+        # Host callbacks over chunks of leaves: XLA compiles one custom call
+        # per chunk, not one kernel per leaf (and a callback of 10000 outputs
+        # compiles superlinearly, so chunks stay at CALLBACK_CHUNK).
+        chunks = []
+        for i in range(0, len(self.spec), CALLBACK_CHUNK):
+            chunks.append(self._callback(aval, slice(i, i + CALLBACK_CHUNK)))
+
+        def run(v: jax.Array) -> list[Any]:
+            return [x for c in chunks for x in c(v)]
+
+        self.split = run
+
+    def _callback(self, aval: Any, part: slice) -> Any:
+        spec, slices = self.spec[part], self.slices[part]
+        out = [jax.ShapeDtypeStruct(shape, dtype) for shape, dtype in spec]
+
+        vdt = np.dtype(aval.dtype)
+        same = [np.dtype(dt) == vdt for _, dt in spec]
 
         def host(a: Any) -> list[Any]:
             a = np.asarray(a)
+            if a.dtype != vdt:
+                return [_piece(a, s, shape, a.dtype, dt) for s, (shape, dt) in zip(slices, spec)]
             return [
-                a[s].reshape(shape)
-                if dt is None
-                else (a[s].real if real else a[s]).astype(dt).reshape(shape)
-                for s, shape, dt, real in steps
+                a[s].reshape(shape) if ok else _piece(a, s, shape, vdt, dt)
+                for s, (shape, dt), ok in zip(slices, spec, same)
             ]
 
         def program(v: jax.Array) -> Any:
             return jax.pure_callback(host, out, v)
 
-        return jax.jit(program)  # jit's C++ dispatch; compiled on first call
+        # A plain jit (its C++ dispatch; a Compiled object holding a host
+        # callback is called through a slow Python path), warmed up here.
+        fn = jax.jit(program)
+        jax.block_until_ready(fn(jnp.zeros(aval.shape, aval.dtype, device=aval.sharding)))
+        return fn
+
+
+def _piece(a: np.ndarray, s: slice, shape: Any, vdt: Any, dt: Any) -> np.ndarray:
+    """One parameter's numpy view of the flat vector, cast if it must be."""
+    x = a[s]
+    if np.dtype(dt) != vdt:
+        x = (x.real if _drops_imag(vdt, dt) else x).astype(dt)
+    return x.reshape(shape)
+
+
+def _aligned(n: int, dtype: Any) -> np.ndarray:
+    """An uninitialised 1-D numpy buffer aligned so that device_put aliases it."""
+    itemsize = np.dtype(dtype).itemsize
+    raw = np.empty(n * itemsize + ALIGN, np.uint8)
+    offset = (-raw.ctypes.data) % ALIGN
+    return raw[offset : offset + n * itemsize].view(dtype)
 
 
 def _drops_imag(src: Any, dst: Any) -> bool:
