@@ -11,7 +11,7 @@ from flax import nnx
 
 from . import _predicates as P
 from ._errors import describe, raise_all, where
-from ._walk import EMPTY, FRAME, LEAF, Frame, Walk, walk
+from ._walk import EMPTY, LEAF, Frame, Walk, walk
 
 T = TypeVar("T")
 _SCALARS = (bool, int, float, complex, str, type(None))
@@ -270,4 +270,4 @@ def loadmodel(dst: T, src: Any, /) -> T:
     return m.w.build(leaves)  # type: ignore[no-any-return]
 
 
-__all__ = ["FRAME", "loadmodel", "match", "state"]
+__all__ = ["loadmodel", "match", "state"]
