@@ -310,3 +310,16 @@ def apply(mode: Callable[[Any], Any], f: Callable[..., Any], *trees: Any) -> Any
     otreedef, odyn, consts = static_out[-1]
     it = iter(arrays_out)
     return otreedef.unflatten([next(it) if d else c for c, d in zip(consts, odyn)])
+
+
+class Net(nnx.Module):
+    """Linear -> BatchNorm -> Dropout: params, batch stats and RNG state."""
+
+    def __init__(self, seed: int = 0, width: int = 4):
+        rngs = nnx.Rngs(seed)
+        self.lin = nnx.Linear(3, width, rngs=rngs)
+        self.bn = nnx.BatchNorm(width, rngs=rngs)
+        self.drop = nnx.Dropout(0.5, rngs=rngs)
+
+    def __call__(self, x):
+        return self.drop(self.bn(self.lin(x)))

@@ -9,6 +9,7 @@ import time
 
 import equinox as eqx
 import flax.linen as nn
+import helpers
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -20,15 +21,8 @@ import jaxflat
 from jaxflat import LoadError
 
 
-class Net(nnx.Module):
-    def __init__(self, seed=0):
-        rngs = nnx.Rngs(seed)
-        self.lin = nnx.Linear(3, 16, rngs=rngs)
-        self.bn = nnx.BatchNorm(16, rngs=rngs)
-        self.drop = nnx.Dropout(0.5, rngs=rngs)
-
-    def __call__(self, x):
-        return self.drop(self.bn(self.lin(x)))
+def Net(seed=0):  # noqa: N802 - the shared test model, 16 wide
+    return helpers.Net(seed, width=16)
 
 
 X = jax.random.normal(jax.random.key(1), (4, 3))
@@ -81,7 +75,7 @@ def test_round_trip_nnx_with_like(tmp_path):
     m = trained_net()
     jaxflat.save(tmp_path / "ckpt", m)
     out = jaxflat.load(tmp_path / "ckpt", like=Net(seed=7))
-    assert type(out) is Net
+    assert type(out) is helpers.Net
     assert_exact(jaxflat.state(out), jaxflat.state(m))
 
 

@@ -10,6 +10,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 import pytest
 from flax import nnx
+from helpers import Net
 
 import jaxflat
 from jaxflat import LoadError
@@ -49,15 +50,6 @@ def two_layer(seed=0, **kw):
     )
 
 
-class Net(nnx.Module):
-    def __init__(self, seed=0):
-        rngs = nnx.Rngs(seed)
-        self.lin = nnx.Linear(3, 4, rngs=rngs)
-        self.bn = nnx.BatchNorm(4, rngs=rngs)
-        self.drop = nnx.Dropout(0.5, rngs=rngs)
-
-    def __call__(self, x):
-        return self.drop(self.bn(self.lin(x)))
 
 
 # ------------------------------------------------------------ the page's example

@@ -227,17 +227,12 @@ def _concat_traced(
         return jnp.zeros((0,), dtype)
     if sharding is None:
         typed: list[Any] = [getattr(jax.typeof(p), "sharding", None) for p in params]
-        mesh = next((t.mesh for t in typed if _explicit(t)), None)
+        mesh = next((t.mesh for t in typed if _sharded._explicit(t)), None)
         if mesh is not None:  # explicitly sharded tracers: replicate unless told
             sharding = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
     if sharding is not None:  # a mesh: memory-bounded moves (see _sharded)
         return _sharded.concat(params, dtype, sharding, shardings=shardings)
     return jnp.concatenate([jnp.ravel(p).astype(dtype) for p in params])
-
-
-def _explicit(sharding: Any) -> bool:
-    types = getattr(getattr(sharding, "mesh", None), "axis_types", ())
-    return any(t == jax.sharding.AxisType.Explicit for t in types)
 
 
 def _concat_varargs(*params: Any, dtype: Any) -> jax.Array:
