@@ -4,6 +4,7 @@ saved and restored. A port of Flux / Optimisers.jl's flat-and-nested toolkit.
 
 import importlib.metadata
 
+from . import curvature as curvature  # a public submodule, not in __all__
 from ._checkpoint import load as load
 from ._checkpoint import save as save
 from ._destructure import LayoutEntry as LayoutEntry
