@@ -40,11 +40,11 @@ MODES = {
         hot=["mlp:10:1e4", "mlp:100:1e4", "nnx:10:1e4"],
         cold=["mlp:100:1e4"],
         baseline_max_leaves=100,
-        grad=["mlp:10:1e4", "mlp:100:1e4"],
+        grad=["mlp:10:1e4", "nnx:10:1e4"],
         memory="mlp:10:1e6",
         churn=50,
         churn_ravel=10,
-        checkpoint=["mlp:10:1e4", "nnx:10:1e4"],
+        checkpoint=["nnx:10:1e4"],
         timeout=120.0,
     ),
 }
