@@ -1,5 +1,6 @@
 """jaxflat.save / jaxflat.load: state on disk through Orbax."""
 
+import errno
 import json
 import math
 import pickle
@@ -469,3 +470,353 @@ def test_nothing_is_pickled(tmp_path, monkeypatch):
     monkeypatch.setattr(np, "load", refuse)
     out = jaxflat.load(path)
     assert out["n"] == 3 and out["s"] == "x" and out["t"] == (None,)
+
+
+# ------------------------------------------------------------ overwrite only replaces a checkpoint
+
+
+def _listing(folder):
+    return sorted(str(p.relative_to(folder)) for p in folder.rglob("*"))
+
+
+def test_overwrite_refuses_a_plain_file(tmp_path):
+    path = tmp_path / "afile"
+    path.write_text("the user's data")
+    with pytest.raises(FileExistsError, match=esc(path) + ".*is a file, not a jaxflat checkpoint"):
+        jaxflat.save(path, {"w": jnp.ones(2)}, overwrite=True)
+    assert path.read_text() == "the user's data"
+    assert _listing(tmp_path) == ["afile"]
+
+
+def test_overwrite_refuses_a_folder_that_is_not_a_checkpoint(tmp_path):
+    path = tmp_path / "results"
+    path.mkdir()
+    (path / "notes.txt").write_text("keep me")
+    with pytest.raises(FileExistsError, match=esc(path) + r".*not a jaxflat checkpoint \(it holds notes.txt\)"):
+        jaxflat.save(path, {"w": jnp.ones(2)}, overwrite=True)
+    assert (path / "notes.txt").read_text() == "keep me"
+    assert _listing(tmp_path) == ["results", "results/notes.txt"]
+
+
+def test_overwrite_refuses_a_checkpoint_holding_other_files(tmp_path):
+    path = tmp_path / "ckpt"
+    jaxflat.save(path, {"w": jnp.ones(2)})
+    (path / "notes.txt").write_text("keep me")
+    with pytest.raises(FileExistsError, match=r"it holds notes.txt"):
+        jaxflat.save(path, {"w": jnp.zeros(2)}, overwrite=True)
+    assert (path / "notes.txt").read_text() == "keep me"
+    np.testing.assert_array_equal(jaxflat.load(path)["w"], np.ones(2))
+
+
+def test_overwrite_refuses_a_symbolic_link(tmp_path):
+    jaxflat.save(tmp_path / "ckpt", {"w": jnp.ones(2)})
+    (tmp_path / "latest").symlink_to(tmp_path / "ckpt")
+    with pytest.raises(FileExistsError, match=esc(tmp_path / "latest") + ".*symbolic link"):
+        jaxflat.save(tmp_path / "latest", {"w": jnp.zeros(2)}, overwrite=True)
+    assert (tmp_path / "latest").is_symlink()
+    np.testing.assert_array_equal(jaxflat.load(tmp_path / "latest")["w"], np.ones(2))
+
+
+def test_overwrite_replaces_an_empty_folder(tmp_path):
+    (tmp_path / "ckpt").mkdir()
+    jaxflat.save(tmp_path / "ckpt", {"w": jnp.ones(2)}, overwrite=True)
+    np.testing.assert_array_equal(jaxflat.load(tmp_path / "ckpt")["w"], np.ones(2))
+
+
+def test_save_removes_what_killed_saves_left(tmp_path):
+    path = tmp_path / "ckpt"
+    jaxflat.save(path, {"w": jnp.ones(2)})
+    (tmp_path / ".ckpt.jaxflat-new-0123abcd" / "arrays").mkdir(parents=True)
+    (tmp_path / ".ckpt.jaxflat-new").mkdir()  # the name older versions used
+    (tmp_path / ".ckpt.jaxflat-lock").touch()
+    (tmp_path / ".other.jaxflat-new-1").mkdir()  # another checkpoint's: not ours
+    jaxflat.save(path, {"w": jnp.zeros(2)}, overwrite=True)
+    assert sorted(p.name for p in tmp_path.iterdir()) == [".other.jaxflat-new-1", "ckpt"]
+
+
+def test_threads_saving_to_one_path_take_turns(tmp_path):
+    import threading
+
+    path = tmp_path / "ckpt"
+    errors = []
+
+    def saves(v):
+        try:
+            for _ in range(3):
+                jaxflat.save(path, {"v": v, "w": jnp.full(64, v)}, overwrite=True)
+        except Exception as e:  # pragma: no cover - reported below
+            errors.append(e)
+
+    threads = [threading.Thread(target=saves, args=(v,)) for v in (1, 2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=120)
+    assert not errors and not any(t.is_alive() for t in threads), errors
+    got = jaxflat.load(path)
+    assert np.unique(np.asarray(got["w"])).tolist() == [got["v"]]
+    assert [p.name for p in tmp_path.iterdir()] == ["ckpt"]
+
+
+# ------------------------------------------------------------ without renameat2: two renames
+
+
+@pytest.fixture
+def no_renameat2(monkeypatch):
+    from jaxflat import _checkpoint
+
+    monkeypatch.setattr(_checkpoint, "_renameat2", lambda a, b, flags: False)
+
+
+def test_overwrite_without_renameat2(tmp_path, no_renameat2):
+    path = tmp_path / "ckpt"
+    jaxflat.save(path, {"w": jnp.ones(2)})
+    jaxflat.save(path, {"w": jnp.zeros(3)}, overwrite=True)
+    np.testing.assert_array_equal(jaxflat.load(path)["w"], np.zeros(3))
+    assert [p.name for p in tmp_path.iterdir()] == ["ckpt"]
+
+
+def test_save_killed_between_two_renames_loses_nothing(tmp_path, no_renameat2):
+    path = tmp_path / "ckpt"
+    jaxflat.save(path, {"w": jnp.ones(2)})
+    path.rename(tmp_path / ".ckpt.jaxflat-old")  # the first rename; then the writer died
+    np.testing.assert_array_equal(jaxflat.load(path)["w"], np.ones(2))
+    with pytest.raises(FileExistsError, match=esc(path)):
+        jaxflat.save(path, {"w": jnp.zeros(2)})
+    jaxflat.save(path, {"w": jnp.zeros(2)}, overwrite=True)
+    np.testing.assert_array_equal(jaxflat.load(path)["w"], np.zeros(2))
+    assert [p.name for p in tmp_path.iterdir()] == ["ckpt"]
+
+
+# ------------------------------------------------------------ failed saves clean up
+
+
+NO_SPACE = (
+    'RESOURCE_EXHAUSTED: Error writing "a0/0.0" in OCDBT database at local file '
+    '"/x/arrays.orbax-checkpoint-tmp/ocdbt.process_0/": Failed to write 3634901 bytes '
+    "to file 4: No space left on device [os_error_code='28']"
+)
+
+
+def _fail_orbax_save(monkeypatch, exc):
+    import orbax.checkpoint as ocp
+
+    def save(self, directory, *args, **kwargs):
+        directory.mkdir(parents=True)  # as if Orbax had started writing
+        (directory / "partial").write_bytes(b"x" * 100)
+        raise exc
+
+    monkeypatch.setattr(ocp.StandardCheckpointer, "save", save)
+
+
+def _assert_old_checkpoint_only(tmp_path):
+    assert [p.name for p in tmp_path.iterdir()] == ["ckpt"]
+    np.testing.assert_array_equal(jaxflat.load(tmp_path / "ckpt")["w"], np.ones(2))
+
+
+def test_disk_full_in_orbax_is_a_plain_error_and_cleans_up(tmp_path, monkeypatch):
+    path = tmp_path / "ckpt"
+    jaxflat.save(path, {"w": jnp.ones(2)})
+    _fail_orbax_save(monkeypatch, ValueError(NO_SPACE))
+    with pytest.raises(OSError, match="no space left on device while writing " + esc(path)) as info:
+        jaxflat.save(path, {"w": jnp.zeros(2)}, overwrite=True)
+    assert info.value.errno == errno.ENOSPC
+    monkeypatch.undo()
+    _assert_old_checkpoint_only(tmp_path)
+
+
+def test_disk_full_writing_the_json_is_a_plain_error_and_cleans_up(tmp_path, monkeypatch):
+    path = tmp_path / "ckpt"
+    jaxflat.save(path, {"w": jnp.ones(2)})
+
+    def dump(*args, **kwargs):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(json, "dump", dump)
+    with pytest.raises(OSError, match="no space left on device while writing " + esc(path)):
+        jaxflat.save(path, {"w": jnp.zeros(2)}, overwrite=True)
+    monkeypatch.undo()
+    _assert_old_checkpoint_only(tmp_path)
+
+
+@pytest.mark.parametrize("exc", [RuntimeError("boom"), KeyboardInterrupt()], ids=["error", "ctrl-c"])
+def test_any_failed_save_cleans_up(tmp_path, monkeypatch, exc):
+    path = tmp_path / "ckpt"
+    jaxflat.save(path, {"w": jnp.ones(2)})
+    _fail_orbax_save(monkeypatch, exc)
+    with pytest.raises(type(exc), match="boom" if str(exc) else None):
+        jaxflat.save(path, {"w": jnp.zeros(2)}, overwrite=True)
+    monkeypatch.undo()
+    _assert_old_checkpoint_only(tmp_path)
+
+
+def test_failed_first_save_leaves_nothing(tmp_path, monkeypatch):
+    _fail_orbax_save(monkeypatch, ValueError(NO_SPACE))
+    with pytest.raises(OSError, match="no space left on device"):
+        jaxflat.save(tmp_path / "ckpt", {"w": jnp.zeros(2)})
+    assert list(tmp_path.iterdir()) == []
+
+
+# ------------------------------------------------------------ arrays Orbax cannot store
+
+
+@pytest.mark.parametrize(
+    "x",
+    [
+        np.zeros((0,), np.float32),
+        np.zeros((3, 0), np.int64),
+        jnp.zeros((0, 4)),
+        jnp.zeros((2, 0, 3), jnp.bfloat16),
+        jax.random.split(jax.random.key(0), 0),
+    ],
+    ids=lambda x: f"{type(x).__name__}-{x.shape}",
+)
+def test_round_trip_zero_size_arrays(tmp_path, x):
+    tree = {"e": x, "w": jnp.ones(2)}
+    jaxflat.save(tmp_path / "ckpt", tree)
+    assert_exact(jaxflat.load(tmp_path / "ckpt"), tree)
+    assert_exact(jaxflat.load(tmp_path / "ckpt", like=tree), tree)
+
+
+def test_round_trip_only_zero_size_arrays(tmp_path):
+    tree = {"e": jnp.zeros((0, 2))}
+    jaxflat.save(tmp_path / "ckpt", tree)
+    assert_exact(jaxflat.load(tmp_path / "ckpt"), tree)
+
+
+def test_zero_size_array_takes_like_sharding(tmp_path):
+    dev = jax.devices()[3]
+    jaxflat.save(tmp_path / "ckpt", {"e": jnp.zeros((0, 2))})
+    out = jaxflat.load(tmp_path / "ckpt", like={"e": jax.device_put(jnp.zeros((0, 2), jnp.bfloat16), dev)})
+    assert out["e"].devices() == {dev} and out["e"].dtype == jnp.bfloat16
+
+
+@pytest.mark.parametrize(
+    "x, what",
+    [
+        (np.array([1, "a"], dtype=object), "object"),
+        (np.zeros(2, dtype=[("a", "f4"), ("b", "i4")]), "structured"),
+        (np.array(["ab", "c"]), "str"),
+        (np.array(["2020-01-01"], dtype="datetime64[D]"), "datetime64"),
+    ],
+    ids=["object", "structured", "str", "datetime"],
+)
+def test_unstorable_numpy_arrays_are_a_type_error_naming_the_key_path(tmp_path, x, what):
+    with pytest.raises(TypeError, match=esc("save: ['layers'][1]['x']: cannot store a numpy array of dtype " + what)):
+        jaxflat.save(tmp_path / "ckpt", {"layers": [{}, {"x": x, "w": jnp.ones(2)}]})
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_load_like_with_numpy_scalar_leaf(tmp_path):
+    x = {"s": np.float32(2.0), "w": jnp.ones(2)}
+    jaxflat.save(tmp_path / "ckpt", x)
+    out = jaxflat.load(tmp_path / "ckpt", like=x)
+    assert float(out["s"]) == 2.0
+    np.testing.assert_array_equal(out["w"], np.ones(2))
+
+
+# ------------------------------------------------------------ malformed jaxflat.json
+
+
+def _tree_nested(depth, kind):
+    if kind == "list":
+        return '{"t": "list", "v": [' * depth + '{"t": "none"}' + "]}" * depth
+    return '{"t": "dict", "k": [["str", "a"]], "v": [' * depth + '{"t": "none"}' + "]}" * depth
+
+
+@pytest.mark.parametrize("depth", [10**4, 10**5])
+@pytest.mark.parametrize("kind", ["list", "dict"])
+def test_load_deeply_nested_json_is_a_load_error(tmp_path, depth, kind):
+    path = tmp_path / "ckpt"
+    jaxflat.save(path, {"w": jnp.ones(2)})
+    meta = json.loads((path / "jaxflat.json").read_text())
+    text = json.dumps({**meta, "tree": "@"}).replace('"@"', _tree_nested(depth, kind))
+    (path / "jaxflat.json").write_text(text)
+    with pytest.raises(LoadError, match=esc(path / "jaxflat.json") + ".*nested too deeply"):
+        jaxflat.load(path)
+
+
+def test_load_nested_tree_without_recursion(tmp_path):
+    tree = {"w": jnp.ones(2)}
+    for i in range(150):
+        tree = [tree, i] if i % 2 else {"k": tree}
+    jaxflat.save(tmp_path / "ckpt", tree)
+    assert_exact(jaxflat.load(tmp_path / "ckpt"), tree)
+
+
+def _edit_tree(fn):
+    def edit(text):
+        meta = json.loads(text)
+        fn(meta)
+        return json.dumps(meta)
+
+    return edit
+
+
+def _first_array_node(meta):
+    stack = [meta["tree"]]
+    while stack:
+        node = stack.pop()
+        if node.get("t") == "array":
+            return node
+        stack.extend(node.get("v", []) if isinstance(node.get("v"), list) else [])
+    raise AssertionError("no array node")
+
+
+def _set(getter, field, value):
+    def fn(meta):
+        getter(meta)[field] = value
+
+    return fn
+
+
+def _entry0(meta):
+    return meta["arrays"][0]
+
+
+MALFORMED = {
+    "index_minus_one": (_set(_first_array_node, "i", -1), "array index -1 out of range"),
+    "index_true": (_set(_first_array_node, "i", True), "array index True out of range"),
+    "index_out_of_range": (_set(_first_array_node, "i", 2), "array index 2 out of range"),
+    "index_string": (_set(_first_array_node, "i", "0"), "array index '0' out of range"),
+    "keys_longer_than_values": (
+        _set(lambda m: m["tree"], "k", [["str", "b"], ["str", "w"], ["str", "x"]]),
+        "dict node with 3 keys and 2 values",
+    ),
+    "values_not_a_list": (_set(lambda m: m["tree"], "v", {"a": 1}), "without a list of values"),
+    "bad_key_type": (_set(lambda m: m["tree"], "k", [["float", 1.5], ["str", "w"]]), "bad dict key"),
+    "int_key_as_bool": (_set(lambda m: m["tree"], "k", [["int", True], ["str", "w"]]), "bad dict key"),
+    "repeated_keys": (_set(lambda m: m["tree"], "k", [["str", "w"], ["str", "w"]]), "repeated keys"),
+    "node_without_type": (_set(lambda m: m["tree"]["v"][0], "t", None), r"a node without a type at \['b'\]"),
+    "unknown_node_type": (_set(lambda m: m["tree"], "t", "frobnicator"), "unknown node type 'frobnicator'"),
+    "node_not_an_object": (lambda m: m["tree"]["v"].__setitem__(0, 3), r"without a type at \['b'\]"),
+    "int_value_string": (lambda m: m["tree"]["v"].append({"t": "int", "v": "7"}) or m["tree"]["k"].append(["str", "z"]), "bad int value '7'"),
+    "int_value_bool": (lambda m: m["tree"]["v"].append({"t": "int", "v": True}) or m["tree"]["k"].append(["str", "z"]), "bad int value True"),
+    "float_value_junk": (lambda m: m["tree"]["v"].append({"t": "float", "v": "1e5x"}) or m["tree"]["k"].append(["str", "z"]), "bad float value"),
+    "negative_shape": (_set(_entry0, "shape", [-3]), "shape .* is not a list of non-negative ints"),
+    "float_shape": (_set(_entry0, "shape", [3.0]), "shape .* is not a list of non-negative ints"),
+    "bool_shape": (_set(_entry0, "stored_shape", [True]), "stored_shape .* is not a list of non-negative ints"),
+    "shape_not_a_list": (_set(_entry0, "shape", 3), "shape 3 is not a list"),
+    "stored_shape_differs": (_set(_entry0, "stored_shape", [4]), r"stored as \(4,\)"),
+    "object_dtype": (_set(_entry0, "dtype", "object"), "dtype 'object' is not a numeric dtype"),
+    "unknown_dtype": (_set(_entry0, "dtype", "float99"), "dtype 'float99' is not a numeric dtype"),
+    "unknown_kind": (_set(_entry0, "kind", "torch"), "kind 'torch'"),
+    "unknown_key_impl": (
+        lambda m: _entry0(m).update(kind="key", impl="nope", dtype="key"),
+        "unknown PRNG implementation 'nope'",
+    ),
+    "entry_not_an_object": (lambda m: m["arrays"].__setitem__(0, [1]), "array entry 0 is not an object"),
+    "arrays_not_a_list": (lambda m: m.__setitem__("arrays", {}), "no list of arrays"),
+    "no_tree": (lambda m: m.pop("tree"), "no tree"),
+}
+
+
+@pytest.mark.parametrize("case", list(MALFORMED))
+def test_load_malformed_json_names_the_file(tmp_path, case):
+    path = tmp_path / "ckpt"
+    jaxflat.save(path, {"w": jnp.arange(3.0), "b": np.ones(2)})
+    edit, message = MALFORMED[case]
+    meta = path / "jaxflat.json"
+    meta.write_text(_edit_tree(edit)(meta.read_text()))
+    with pytest.raises(LoadError, match=esc(meta) + ": corrupt jaxflat.json: .*" + message):
+        jaxflat.load(path)

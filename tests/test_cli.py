@@ -2,9 +2,12 @@
 
 import subprocess
 import sys
+import time
+from pathlib import Path
 
 import jax.numpy as jnp
 import numpy as np
+import pytest
 
 import jaxflat
 from jaxflat.__main__ import main
@@ -42,3 +45,171 @@ def test_inspect_reads_metadata_only(tmp_path, capsys):
 def test_inspect_missing_path_is_an_error(tmp_path, capsys):
     assert main(["inspect", str(tmp_path / "nope")]) == 1
     assert "no checkpoint" in capsys.readouterr().err
+
+
+# ------------------------------------------------------------ errors: one line, non-zero exit
+
+
+def _corrupt(path, text):
+    jaxflat.save(path, {"w": jnp.ones(2)})
+    (path / "jaxflat.json").write_text(text)
+
+
+@pytest.mark.parametrize(
+    "text, message",
+    [
+        ('{"format": "jaxflat-checkpoint/1", "arrays": [], "tree": ' + '{"t": "list", "v": [' * 50000 + "]}" * 50000 + "}", "nested too deeply"),
+        ('{"format": "jaxflat-checkpoint/1", "arrays": [], "tree": {"t": "array", "i": -1}}', "array index -1 out of range"),
+        ('{"format": "jaxflat-checkpoint/1", "arrays": [{"path": "x", "kind": "jax", "shape": [-1], "stored_shape": [-1], "dtype": "float32", "stored_dtype": "float32"}], "tree": {"t": "none"}}', "not a list of non-negative ints"),
+        ("{not json", "not valid JSON"),
+    ],
+    ids=["deep", "index", "shape", "garbage"],
+)
+def test_inspect_malformed_json_prints_one_line(tmp_path, capsys, text, message):
+    _corrupt(tmp_path / "c", text)
+    assert main(["inspect", str(tmp_path / "c")]) == 1
+    captured = capsys.readouterr()
+    assert captured.out == ""
+    lines = captured.err.splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: "), captured.err[:500]
+    assert str(tmp_path / "c" / "jaxflat.json") in lines[0] and message in lines[0]
+
+
+def test_inspect_malformed_json_from_the_shell(tmp_path):
+    _corrupt(tmp_path / "c", '{"format": "jaxflat-checkpoint/1", "arrays": [], "tree": ' + "[" * 100000 + "]" * 100000 + "}")
+    out = subprocess.run(
+        [sys.executable, "-m", "jaxflat", "inspect", str(tmp_path / "c")],
+        capture_output=True, text=True, timeout=120,
+    )
+    assert out.returncode == 1
+    assert out.stderr.count("\n") == 1 and out.stderr.startswith("error: "), out.stderr[-2000:]
+    assert "nested too deeply" in out.stderr
+
+
+def test_inspect_a_folder_that_is_no_checkpoint(tmp_path, capsys):
+    (tmp_path / "plain").mkdir()
+    (tmp_path / "plain" / "notes.txt").write_text("x")
+    assert main(["inspect", str(tmp_path / "plain")]) == 1
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "not a jaxflat checkpoint" in err
+
+
+# ------------------------------------------------------------ plain Orbax checkpoints
+
+
+@pytest.fixture
+def manager_folder(tmp_path):
+    """The README's recipe: a CheckpointManager keeping the two latest steps."""
+    import orbax.checkpoint as ocp
+
+    options = ocp.CheckpointManagerOptions(max_to_keep=2)
+    with ocp.CheckpointManager(tmp_path / "mgr", options=options) as mngr:
+        for i in range(3):
+            tree = {"params": {"w": jnp.full((3, 4), i, jnp.float32), "b": np.zeros(4, np.float16)}, "step": i}
+            mngr.save(i, args=ocp.args.StandardSave(tree))
+        mngr.wait_until_finished()
+    return tmp_path / "mgr"
+
+
+@pytest.fixture
+def no_array_reads(monkeypatch):
+    import orbax.checkpoint as ocp
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("inspect must not read array data")
+
+    monkeypatch.setattr(ocp.StandardCheckpointer, "restore", refuse)
+    monkeypatch.setattr(ocp.PyTreeCheckpointer, "restore", refuse)
+
+
+def _rows(out):
+    return {line.split()[0]: line.split()[1:] for line in out.splitlines() if line.startswith("  ")}
+
+
+@pytest.mark.parametrize("where", ["step", "item", "manager"])
+def test_inspect_reads_orbax_checkpoint_manager_folders(manager_folder, capsys, no_array_reads, where):
+    path = {"step": manager_folder / "2", "item": manager_folder / "2" / "default", "manager": manager_folder}[where]
+    assert main(["inspect", str(path)]) == 0
+    out = capsys.readouterr().out
+    assert "(Orbax): 3 arrays" in out
+    rows = _rows(out)
+    assert rows["['params']['w']"][:4] == ["(3,", "4)", "float32", "12"]
+    assert rows["['params']['b']"][:3] == ["(4,)", "float16", "4"]
+    assert rows["['step']"][:3] == ["()", "int64", "1"]
+    assert "# Total: 17 elements, 64 bytes" in out
+    if where == "manager":
+        assert "latest of 2 steps" in out and str(manager_folder / "2") in out
+
+
+@pytest.fixture
+def orbax_stray_errors(monkeypatch):
+    """Catch the "Event loop is closed" errors that Orbax's abandoned reads of
+    a damaged folder raise through ``sys.unraisablehook`` after it gave up."""
+    caught = []
+    previous = sys.unraisablehook
+
+    def hook(args):
+        if isinstance(args.exc_value, RuntimeError) and "Event loop is closed" in str(args.exc_value):
+            caught.append(args.exc_value)
+        else:
+            previous(args)
+
+    monkeypatch.setattr(sys, "unraisablehook", hook)
+    yield caught
+    time.sleep(0.3)
+
+
+def test_inspect_damaged_orbax_folder_is_one_line(manager_folder, capsys, orbax_stray_errors):
+    import shutil
+
+    item = manager_folder / "2" / "default"
+    for p in item.iterdir():
+        if p.is_dir():
+            shutil.rmtree(p)
+    assert main(["inspect", str(item)]) == 1
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and err.startswith("error: ") and str(item) in err
+
+
+# ------------------------------------------------------------ --version, help, prog
+
+
+def test_version():
+    out = subprocess.run(
+        [sys.executable, "-m", "jaxflat", "--version"], capture_output=True, text=True, timeout=120
+    )
+    assert out.returncode == 0 and out.stdout.strip() == f"jaxflat {jaxflat.__version__}"
+
+
+def test_help_as_a_module():
+    out = subprocess.run(
+        [sys.executable, "-m", "jaxflat", "--help"], capture_output=True, text=True, timeout=120
+    )
+    assert out.returncode == 0
+    assert out.stdout.startswith("usage: python -m jaxflat ")
+    assert "``" not in out.stdout
+    assert "inspect PATH" in out.stdout and "--version" in out.stdout
+
+
+def test_help_as_the_console_script():
+    script = Path(sys.executable).parent / "jaxflat"  # installed by `pip install -e .`
+    assert script.exists(), script
+    out = subprocess.run([str(script), "--help"], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0 and out.stdout.startswith("usage: jaxflat "), out.stdout[:300]
+    assert "``" not in out.stdout
+
+
+@pytest.mark.parametrize(
+    "argv0, prog",
+    [
+        ("/venv/bin/jaxflat", "jaxflat"),
+        ("/src/jaxflat/__main__.py", "python -m jaxflat"),
+        ("-m", "python -m jaxflat"),
+    ],
+)
+def test_prog_follows_how_it_was_run(monkeypatch, capsys, argv0, prog):
+    monkeypatch.setattr(sys, "argv", [argv0, "--help"])
+    with pytest.raises(SystemExit) as info:
+        main()
+    assert info.value.code == 0
+    assert capsys.readouterr().out.startswith(f"usage: {prog} ")

@@ -1,10 +1,20 @@
-"""Command line: ``python -m jaxflat demo`` and ``python -m jaxflat inspect PATH``."""
+"""jaxflat on the command line.
+
+  demo          the flat-and-nested walk-through on a small Flax NNX model
+  inspect PATH  a checkpoint's key paths, shapes, dtypes, element counts and
+                bytes, from its metadata alone (no array data is read); PATH
+                is a jaxflat checkpoint or a plain Orbax one (an item folder,
+                a CheckpointManager step folder, or a CheckpointManager
+                folder, whose latest step is shown)
+"""
 
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 import tempfile
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -57,7 +67,7 @@ def demo() -> None:
     hess = np.asarray(jax.hessian(loss)(flat))
     labels = [f"{e.path}[{i}]" for e in re.layout for i in range(e.stop - e.start)]
     width = max(map(len, labels))
-    for label, row in zip(labels, hess):
+    for label, row in zip(labels, hess, strict=True):
         print(f"  {label:<{width}} " + " ".join(f"{v:9.4f}" for v in row))
     print("symmetric:", bool(np.allclose(hess, hess.T, atol=1e-5)))
 
@@ -91,42 +101,143 @@ def demo() -> None:
         print(f"saved to {d}/ckpt, loaded into a fresh model: same parameters: {same}")
 
 
-def inspect(path: str) -> None:
-    """Print a checkpoint's tree from its metadata alone (no array data)."""
-    from ._checkpoint import read_meta
+Row = tuple[str, tuple[int, ...], str, int, int]  # path, shape, dtype, elements, bytes
 
-    meta = read_meta(path)
-    entries = meta["arrays"]
-    total_bytes = 0
-    total_elems = 0
-    width = max((len(e["path"]) for e in entries), default=10)
-    print(f"{path}: {len(entries)} arrays")
-    for e in entries:
-        n = int(np.prod(e["shape"], dtype=np.int64))
-        itemsize = np.dtype(e["stored_dtype"]).itemsize
-        nbytes = int(np.prod(e["stored_shape"], dtype=np.int64)) * itemsize
-        total_bytes += nbytes
-        total_elems += n
-        print(f"  {e['path']:<{width}}  {str(tuple(e['shape'])):<16} {e['dtype']:<10} {n:>14_}")
+
+def _table(title: str, rows: list[Row]) -> None:
+    """Print one checkpoint's (path, shape, dtype, elements, bytes) rows and a total."""
     from ._summary import _human
 
+    print(f"{title}: {len(rows)} arrays")
+    width = max((len(r[0]) for r in rows), default=10)
+    for name, shape, dtype, n, nbytes in rows:
+        print(f"  {name:<{width}}  {str(shape):<16} {dtype:<10} {n:>14_}  {_human(nbytes):>10}")
+    total_elems = sum(r[3] for r in rows)
+    total_bytes = sum(r[4] for r in rows)
     print(f"# Total: {total_elems:_} elements, {_human(total_bytes)}")
 
 
+def _jaxflat_rows(path: str) -> list[Row]:
+    from ._checkpoint import read_meta
+
+    rows: list[Row] = []
+    for e in read_meta(path)["arrays"]:
+        shape, stored = tuple(e["shape"]), e["stored"]
+        n = int(np.prod(shape, dtype=np.int64))
+        nbytes = int(np.prod(stored.shape, dtype=np.int64)) * np.dtype(stored.dtype).itemsize
+        rows.append((e["path"], shape, str(e["dtype"]), n, nbytes))
+    return rows
+
+
+def _orbax_items(path: Path) -> tuple[str, list[Path]] | None:
+    """The Orbax item folders at ``path`` (an item, a step of a
+    CheckpointManager, or a CheckpointManager's folder: its latest step)."""
+
+    def items(folder: Path) -> list[Path]:
+        if (folder / "_METADATA").is_file():
+            return [folder]
+        subs = sorted(p for p in folder.iterdir() if p.is_dir() and (p / "_METADATA").is_file())
+        return subs
+
+    if not path.is_dir():
+        return None
+    found = items(path)
+    if found:
+        return str(path), found
+    steps = sorted(
+        (int(p.name), p) for p in path.iterdir() if p.is_dir() and p.name.isdigit() and items(p)
+    )
+    if steps:
+        step, folder = steps[-1]
+        return f"{folder} (latest of {len(steps)} steps)", items(folder)
+    return None
+
+
+def _orbax_rows(item: Path) -> list[Row]:
+    """Rows from Orbax's own metadata (``_METADATA``, ``_sharding``): no array data."""
+    import jax
+    import orbax.checkpoint as ocp
+
+    from ._errors import LoadError
+
+    try:
+        with ocp.StandardCheckpointer() as ckptr:
+            meta = ckptr.metadata(item)
+    except Exception as e:  # Orbax raises many kinds; say which folder, in one line
+        first = str(e).splitlines()[0][:300] if str(e) else type(e).__name__
+        raise LoadError(f"inspect: {item}: cannot read its Orbax metadata: {first}") from e
+    tree = getattr(meta, "item_metadata", meta)
+    tree = getattr(tree, "tree", tree)
+    if tree is None:  # Orbax answers None when its files are missing or damaged
+        raise LoadError(f"inspect: {item}: no readable Orbax metadata (missing or damaged files)")
+
+    def isleaf(x: object) -> bool:
+        return hasattr(x, "shape") and hasattr(x, "dtype")
+
+    rows: list[Row] = []
+    for kp, leaf in jax.tree_util.tree_flatten_with_path(tree, is_leaf=isleaf)[0]:
+        name = jax.tree_util.keystr(kp)
+        if not isleaf(leaf):
+            rows.append((name, (), type(leaf).__name__, 0, 0))
+            continue
+        shape = tuple(int(n) for n in leaf.shape)
+        dtype = np.dtype(leaf.dtype)
+        n = int(np.prod(shape, dtype=np.int64))
+        rows.append((name, shape, str(dtype), n, n * dtype.itemsize))
+    return rows
+
+
+def inspect(path: str) -> None:
+    """Print a checkpoint's tree from its metadata alone (no array data).
+
+    Reads jaxflat checkpoints (``jaxflat.json``) and plain Orbax ones
+    (``_METADATA``): an item folder, a ``CheckpointManager`` step folder (one
+    table per item) or a ``CheckpointManager`` folder (its latest step).
+    """
+    from ._checkpoint import META
+
+    p = Path(path)
+    if not (p / META).exists():
+        found = _orbax_items(p.absolute())
+        if found is not None:
+            where, items = found
+            for item in items:
+                title = where if item == Path(where) else f"{where}: item {item.name!r}"
+                _table(f"{title} (Orbax)", _orbax_rows(item))
+            return
+    _table(path, _jaxflat_rows(path))
+
+
+def _prog() -> str:
+    """``jaxflat`` when run as the console script, else ``python -m jaxflat``."""
+    name = os.path.basename(sys.argv[0]) if sys.argv and sys.argv[0] else ""
+    stem = name.removesuffix(".exe").removesuffix("-script.py")
+    return "jaxflat" if stem == "jaxflat" else "python -m jaxflat"
+
+
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m jaxflat", description=__doc__)
-    sub = parser.add_subparsers(dest="cmd", required=True)
+    """Run the command line; returns the exit status."""
+    from . import __version__
+
+    parser = argparse.ArgumentParser(
+        prog=_prog(),
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument("--version", action="version", version=f"jaxflat {__version__}")
+    sub = parser.add_subparsers(dest="cmd", required=True, metavar="{demo,inspect}")
     sub.add_parser("demo", help="the flat-and-nested walk-through on a small NNX model")
     p = sub.add_parser("inspect", help="a checkpoint's tree, from metadata only")
-    p.add_argument("path")
+    p.add_argument("path", help="a jaxflat checkpoint, or an Orbax item, step or manager folder")
     args = parser.parse_args(argv)
     if args.cmd == "demo":
         demo()
     else:
         try:
             inspect(args.path)
-        except (FileNotFoundError, ValueError) as e:
-            print(f"error: {e}", file=sys.stderr)
+        except (OSError, ValueError) as e:  # LoadError is a ValueError
+            text = "; ".join(line.strip() for line in str(e).splitlines() if line.strip())
+            print(f"error: {text or type(e).__name__}", file=sys.stderr)
             return 1
     return 0
 
