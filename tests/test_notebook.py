@@ -1,4 +1,4 @@
-"""The notebook runs top to bottom (CI executes it, so it cannot rot)."""
+"""The notebooks run top to bottom (CI executes them, so they cannot rot)."""
 
 import time
 from pathlib import Path
@@ -7,23 +7,37 @@ import nbclient
 import nbformat
 import pytest
 
-NOTEBOOK = Path(__file__).parent.parent / "notebooks" / "flat_and_nested.ipynb"
+NOTEBOOKS = Path(__file__).parent.parent / "notebooks"
+
+
+def check_flat_and_nested(nb, text):
+    assert "Restructure(Sequential, ..., 5)" in str(nb.cells[3].outputs)
+    assert "all parameters zero: True" in text
+
+
+def check_curvature(nb, text):
+    assert "first step with sharpness >= 2/lr" in text  # the sharpness reached 2 / lr
+    assert text.count("mass 1.000") == 2  # both densities integrate to 1
+
+
+CHECKS = {"flat_and_nested.ipynb": check_flat_and_nested, "curvature.ipynb": check_curvature}
 
 
 @pytest.mark.filterwarnings("ignore::DeprecationWarning")
 @pytest.mark.filterwarnings("ignore::RuntimeWarning")
-def test_notebook_executes():
-    nb = nbformat.read(NOTEBOOK, as_version=4)
+@pytest.mark.parametrize("name", sorted(CHECKS))
+def test_notebook_executes(name):
+    path = NOTEBOOKS / name
+    nb = nbformat.read(path, as_version=4)
     saved = [c for c in nb.cells if c.cell_type == "code"]
     assert all(c.get("outputs") for c in saved[:3]), "the notebook is stored with its outputs"
     start = time.perf_counter()
     client = nbclient.NotebookClient(
-        nb, timeout=300, kernel_name="python3", resources={"metadata": {"path": str(NOTEBOOK.parent)}}
+        nb, timeout=300, kernel_name="python3", resources={"metadata": {"path": str(path.parent)}}
     )
     client.execute()
     errors = [o for c in nb.cells for o in c.get("outputs", []) if o.get("output_type") == "error"]
     assert not errors
     text = "".join(o.get("text", "") for c in nb.cells for o in c.get("outputs", []))
-    assert "Restructure(Sequential, ..., 5)" in str(nb.cells[3].outputs)
-    assert "all parameters zero: True" in text
+    CHECKS[name](nb, text)
     assert time.perf_counter() - start < 240
