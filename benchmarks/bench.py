@@ -59,8 +59,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument(
         "--jaxflat-src",
         default=os.environ.get("JAXFLAT_SRC"),
-        help="benchmark the jaxflat package under this folder (e.g. another worktree's "
-        "src); children inherit it (env JAXFLAT_SRC)",
+        help="measure the jaxflat under this folder (another worktree's src; env JAXFLAT_SRC)",
     )
     p.add_argument("--reps", type=int, default=None, help="samples per median")
     p.add_argument("--churn", type=int, default=None, help="structures in the churn section")
@@ -115,21 +114,18 @@ def main(argv: list[str] | None = None) -> None:
     rep = h.Report(args.markdown)
     info = h.machine_info()
     rep.data.update(mode=mode, machine=info, config=vars(cfg), loadavg_start=h.loadavg())
-    rep.out(f"# jaxflat benchmarks ({mode})")
-    rep.out()
-    rep.out(f"- Machine: {info['cpu']}, {info['cores']} cores; {info['os']}; {info['backend']}")
+    rep.out(f"# jaxflat benchmarks ({mode})\n")
+    rep.out(f"- Machine: {info['cpu']}; {info['os']}; {info['backend']}")
     rep.out("- Versions: " + ", ".join(f"{k} {v}" for k, v in info["versions"].items()))
     rep.out(f"- jaxflat: {info['jaxflat']}")
     rep.out(f"- Load average at start: {rep.data['loadavg_start']}; {time.strftime('%F %T %Z')}")
-    rep.out(f"- Command: `python benchmarks/bench.py {' '.join(sys.argv[1:])}`")
-    rep.out()
+    rep.out(f"- Command: `python benchmarks/bench.py {' '.join(sys.argv[1:])}`\n")
     rep.out(
         "Ratios `jf/X` are jaxflat's time over X's in the same run (lower is better; below "
         "1.0 jaxflat is faster): `ravel` is eager `jax.flatten_util.ravel_pytree` (and its "
         "unravel), `jit` the best jitted concat / split compiled beforehand (the floor), "
-        "`copy` a numpy copy of as many bytes as the flat vector. Times are in ms."
+        "`copy` a numpy copy of as many bytes as the flat vector. Times are in ms.\n"
     )
-    rep.out()
     start = time.perf_counter()
     for name in SECTIONS:
         if name in only:

@@ -1,9 +1,5 @@
-"""What every benchmark section shares: workloads, the baselines, timing,
-fresh child processes, memory readings and the markdown report.
-
-Sections use jaxflat's public API only, so the same harness measures any
-checkout (``bench.py --jaxflat-src PATH``).
-"""
+"""What the benchmark sections share: workloads, baselines, timing, child
+processes, memory readings, the report. jaxflat's public API only."""
 
 from __future__ import annotations
 
@@ -28,8 +24,7 @@ from jax.flatten_util import ravel_pytree
 
 HERE = Path(__file__).resolve().parent
 MARK = "BENCH_CHILD_JSON "
-
-# --------------------------------------------------------------------------- workloads
+Fns = dict[str, Callable[[], Any] | None]
 
 
 def build(spec: str, seed: int = 0) -> Any:
@@ -44,14 +39,8 @@ def build(spec: str, seed: int = 0) -> Any:
         rngs = nnx.Rngs(seed)
         return nnx.Sequential(*[nnx.Linear(k, k, rngs=rngs) for _ in range(layers)])
     rng = np.random.default_rng(seed)
-    tree = {
-        f"layer{i:05d}": {
-            "w": jnp.asarray(rng.standard_normal((k, k), dtype=np.float32)),
-            "b": jnp.asarray(rng.standard_normal((k,), dtype=np.float32)),
-        }
-        for i in range(layers)
-    }
-    return jax.block_until_ready(tree)
+    normal = lambda *shape: jnp.asarray(rng.standard_normal(shape, np.float32))  # noqa: E731
+    return {f"layer{i:05d}": {"w": normal(k, k), "b": normal(k)} for i in range(layers)}
 
 
 def describe(tree: Any) -> tuple[int, int]:
@@ -64,19 +53,15 @@ def sq_loss(tree: Any) -> jax.Array:
     return sum(jnp.sum(jnp.square(x.astype(jnp.float32))) for x in jax.tree.leaves(tree))
 
 
-# --------------------------------------------------------------------------- baselines
-
-
 class Floor:
-    """The baselines for one tree: the best jitted concat / split (``jit``,
-    compiled here, before any timing), eager ``ravel_pytree`` and its unravel
-    (``ravel``), and a numpy copy of as many bytes as the flat vector (``copy``)."""
+    """The baselines for one tree: ``jit``, the best jitted concat / split (compiled
+    here, before any timing: the floor); ``ravel``, eager ``ravel_pytree`` and its
+    unravel; ``copy``, a numpy copy of as many bytes as the flat vector."""
 
     def __init__(self, tree: Any, jit: bool = True) -> None:
         leaves, treedef = jax.tree.flatten(tree)
-        shapes = [x.shape for x in leaves]
-        dtypes = [x.dtype for x in leaves]
-        sizes = [int(np.prod(s, dtype=np.int64)) for s in shapes]
+        shapes, dtypes = [x.shape for x in leaves], [x.dtype for x in leaves]
+        sizes = [math.prod(s) for s in shapes]
         dtype = jnp.result_type(*dtypes)
         self.tree = tree
         self.vector = jnp.concatenate([jnp.ravel(x).astype(dtype) for x in leaves])
@@ -86,18 +71,15 @@ class Floor:
             return jnp.concatenate([jnp.ravel(x).astype(dtype) for x in jax.tree.leaves(t)])
 
         def split(v: jax.Array) -> Any:
-            pieces = jax.lax.split(v, sizes)
-            return treedef.unflatten(
-                [p.reshape(s).astype(d) for p, s, d in zip(pieces, shapes, dtypes, strict=True)]
-            )
+            pieces = zip(jax.lax.split(v, sizes), shapes, dtypes, strict=True)
+            return treedef.unflatten([p.reshape(s).astype(d) for p, s, d in pieces])
 
         self.jit_concat = self.jit_split = None
         if jit:
             self.jit_concat, self.jit_split = jax.jit(concat), jax.jit(split)
             jax.block_until_ready((self.jit_concat(tree), self.jit_split(self.vector)))
-        self._unravel: Any = None
 
-    def flatten(self) -> dict[str, Callable[[], Any] | None]:
+    def flatten(self) -> Fns:
         jc, tree = self.jit_concat, self.tree
         return {
             "ravel": lambda: ravel_pytree(tree)[0],
@@ -105,7 +87,7 @@ class Floor:
             "copy": self.buffer.copy,
         }
 
-    def rebuild(self, ravel: bool = True) -> dict[str, Callable[[], Any] | None]:
+    def rebuild(self, ravel: bool = True) -> Fns:
         js, v = self.jit_split, self.vector
         unravel = ravel_pytree(self.tree)[1] if ravel else None
         return {
@@ -129,18 +111,10 @@ def timed(fn: Callable[[], Any]) -> float:
     return time.perf_counter() - t0
 
 
-def series(fn: Callable[[], Any], n: int) -> list[float]:
-    """Seconds of calls 1..n, each timed on its own (call 1 is the first)."""
-    return [timed(fn) for _ in range(n)]
-
-
-def medians(
-    fns: dict[str, Callable[[], Any] | None], reps: int, warmup: int = 2, sample_s: float = 0.002
-) -> dict[str, float | None]:
-    """Median seconds per call of each callable (``None``: skipped) after
-    ``warmup`` calls. Repetitions are interleaved, the starting callable
-    rotating, so drifts in machine speed hit all alike; a sample loops a fast
-    call for about ``sample_s`` so that the clock's resolution does not matter."""
+def medians(fns: Fns, reps: int, warmup: int = 2, sample_s: float = 0.002) -> dict[str, Any]:
+    """Median seconds per call of each callable (``None``: skipped) after ``warmup``
+    calls. Rounds are interleaved, the starting callable rotating, so that drifts
+    in machine speed hit all alike; a sample loops a fast call for ~``sample_s``."""
     live = {k: f for k, f in fns.items() if f is not None}
     inner = {}
     for k, f in live.items():
@@ -167,32 +141,24 @@ def warm_backend() -> None:
     """Start the backend and XLA with an unrelated tiny program, so that a cold
     timing counts what a new structure costs, not JAX's own start-up."""
     jax.block_until_ready(jax.jit(lambda x: x * 2 + 1)(jnp.ones(8)))
-    jax.block_until_ready(jnp.ones(8) + 1)
-
-
-# --------------------------------------------------------------------------- memory
 
 
 def rss_mib() -> dict[str, float]:
-    """Current RSS and peak RSS (``VmHWM``; ``ru_maxrss`` off Linux), MiB."""
+    """Current RSS (``VmRSS``) and peak (``VmHWM``; ``ru_maxrss`` off Linux), MiB."""
     out: dict[str, float] = {}
     with contextlib.suppress(OSError):
         for line in Path("/proc/self/status").read_text().splitlines():
             if line.startswith(("VmHWM", "VmRSS")):
-                key, val = line.split(":")
-                out[key] = int(val.split()[0]) / 1024
-    if "VmHWM" not in out:
-        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-        out["VmHWM"] = peak / 2**20 if sys.platform == "darwin" else peak / 1024
+                out[line.split(":")[0]] = int(line.split()[1]) / 1024
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    out.setdefault("VmHWM", peak / 2**20 if sys.platform == "darwin" else peak / 1024)
     return out
 
 
 def reset_peak() -> bool:
-    """Reset the kernel's peak-RSS counter (Linux); False where that is not possible
-    (then the peak is the process's, since its start)."""
+    """Reset the kernel's peak-RSS counter (Linux); False if not possible."""
     try:
-        with open("/proc/self/clear_refs", "w") as f:
-            f.write("5")
+        Path("/proc/self/clear_refs").write_text("5")
         return True
     except OSError:
         return False
@@ -206,19 +172,16 @@ def emit(obj: dict[str, Any]) -> None:
     print(MARK + json.dumps(obj), flush=True)
 
 
-def spawn(
-    target: str, arg: dict[str, Any], timeout: float, hard_exit: bool = True
-) -> dict[str, Any]:
-    """Run ``target`` (``module:function`` under benchmarks/, called with ``**arg``)
-    in a fresh ``bench.py --child`` process, which inherits the environment (so
-    ``--jaxflat-src``). Returns the child's last emitted dict (or ``{}``) plus
-    ``exit_wall`` (``time.time()`` when it had exited) and ``status``: ``ok``,
-    ``error`` or ``killed`` (after ``timeout`` seconds). With ``hard_exit`` the
-    child leaves with ``os._exit`` after its function returns, so that whatever
-    the library left running cannot delay the next cell."""
-    cmd = [sys.executable, str(HERE / "bench.py"), "--child", target, "--arg", json.dumps(arg)]
-    if hard_exit:
-        cmd.append("--hard-exit")
+def child_cmd(target: str, arg: dict[str, Any]) -> list[str]:
+    """``bench.py --child module:function`` (``function(**arg)`` in a fresh process;
+    it inherits the environment, so ``--jaxflat-src`` and ``JAX_PLATFORMS``)."""
+    return [sys.executable, str(HERE / "bench.py"), "--child", target, "--arg", json.dumps(arg)]
+
+
+def spawn(target: str, arg: dict[str, Any], timeout: float) -> dict[str, Any]:
+    """Run a child that leaves with ``os._exit`` (nothing the library left running
+    delays the next one); its last result, ``status``: ok, error or killed."""
+    cmd = [*child_cmd(target, arg), "--hard-exit"]
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     status = "ok"
     try:
@@ -226,13 +189,12 @@ def spawn(
     except subprocess.TimeoutExpired:
         proc.kill()
         stdout, stderr = proc.communicate()
-        status = "killed"
-    exit_wall = time.time()
+        status = f"killed at {timeout:.0f} s"
     found = [json.loads(s[len(MARK) :]) for s in stdout.splitlines() if s.startswith(MARK)]
     if status == "ok" and proc.returncode != 0:
         status = "error"
         log(f"child {target} {arg} failed (rc {proc.returncode}):\n{stderr[-2000:]}")
-    return {**(found[-1] if found else {}), "exit_wall": exit_wall, "status": status}
+    return {**(found[-1] if found else {}), "status": status}
 
 
 # --------------------------------------------------------------------------- report
@@ -246,11 +208,14 @@ def ms(s: Any) -> str:
 
 
 def x(a: Any, b: Any) -> str:
-    """The ratio a / b, as ``1.23x``; ``n/a`` if either is missing."""
+    """The ratio a / b as ``1.23x``; ``n/a`` if either is missing."""
     if not isinstance(a, float | int) or not isinstance(b, float | int) or not b:
         return "n/a"
     r = a / b
     return f"{r:.2g}x" if r < 0.1 else f"{r:.2f}x" if r < 10 else f"{r:.0f}x"
+
+
+RATIO_HEADERS = ["jf/ravel", "jf/jit", "jf/copy"]
 
 
 def ratios(jf: Any, res: dict[str, Any]) -> list[str]:
@@ -258,11 +223,8 @@ def ratios(jf: Any, res: dict[str, Any]) -> list[str]:
     return [x(jf, res.get("ravel")), x(jf, res.get("jit")), x(jf, res.get("copy"))]
 
 
-RATIO_HEADERS = ["jf/ravel", "jf/jit", "jf/copy"]
-
-
 class Report:
-    """Markdown to stdout (and ``--markdown PATH``, kept current), data to JSON."""
+    """Markdown to stdout (and ``--markdown PATH``, kept current), data for JSON."""
 
     def __init__(self, md_path: Path | None) -> None:
         self.lines: list[str] = []
@@ -275,9 +237,12 @@ class Report:
         if self.md_path is not None:
             self.md_path.write_text("\n".join(self.lines) + "\n")
 
+    def section(self, title: str, text: str) -> None:
+        self.out(f"## {title}\n\n{text}\n")
+
     def table(self, headers: list[str], rows: list[list[str]]) -> None:
         self.out("| " + " | ".join(headers) + " |")
-        self.out("|" + "|".join("---" if i == 0 else "---:" for i in range(len(headers))) + "|")
+        self.out("|---" + "|---:" * (len(headers) - 1) + "|")
         for row in rows:
             self.out("| " + " | ".join(row) + " |")
         self.out()
@@ -291,32 +256,25 @@ def machine_info() -> dict[str, Any]:
 
     cpu = platform.processor() or platform.machine()
     with contextlib.suppress(OSError):
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
+        cpu = next(
+            (s.split(":", 1)[1].strip() for s in open("/proc/cpuinfo") if s.startswith("model name")),
+            cpu,
+        )
     versions = {"python": platform.python_version()}
     for pkg in ("jax", "jaxlib", "flax", "orbax-checkpoint", "numpy"):
         with contextlib.suppress(importlib.metadata.PackageNotFoundError):
             versions[pkg] = importlib.metadata.version(pkg)
     src = Path(jaxflat.__file__).resolve().parent
-    commit = subprocess.run(
-        ["git", "log", "-1", "--format=%h %s", "--", "."],
-        cwd=src,
-        capture_output=True,
-        text=True,
-        timeout=10,
+    git = lambda *a: subprocess.run(  # noqa: E731
+        ["git", *a, "--", "."], cwd=src, capture_output=True, text=True
     ).stdout.strip()
-    dirty = subprocess.run(
-        ["git", "status", "--porcelain", "--", "."], cwd=src, capture_output=True, text=True
-    ).stdout.strip()
+    commit = git("log", "-1", "--format=%h %s") or "?"
     return {
-        "cpu": cpu,
-        "cores": os.cpu_count(),
+        "cpu": f"{cpu}, {os.cpu_count()} cores",
         "os": platform.platform(),
         "backend": f"{jax.default_backend()} ({', '.join(str(d) for d in jax.devices())})",
         "versions": versions,
-        "jaxflat": f"{src} @ {commit or '?'}" + (" (modified)" if dirty else ""),
+        "jaxflat": f"{src} @ {commit}" + (" (modified)" if git("status", "--porcelain") else ""),
     }
 
 

@@ -7,11 +7,10 @@ from types import SimpleNamespace
 from typing import Any
 
 import harness as h
-import jax
 
 
 def child(who: str, spec: str, max_leaves: int) -> None:
-    """Build the tree, warm the backend up with an unrelated op, then time first calls."""
+    """Build the tree, warm the backend up with an unrelated op, time first calls."""
     tree = h.build(spec)
     leaves, params = h.describe(tree)
     h.warm_backend()
@@ -19,47 +18,41 @@ def child(who: str, spec: str, max_leaves: int) -> None:
     if who == "jaxflat":
         import jaxflat
 
+        out["jaxflat_file"] = jaxflat.__file__
+
         t0 = time.perf_counter()
         flat, re = jaxflat.destructure(tree)
-        jax.block_until_ready(flat)
-        out["flatten"] = [time.perf_counter() - t0]
-        out["jaxflat_file"] = jaxflat.__file__
-        h.emit(out)
+        out["flatten"] = [time.perf_counter() - t0 + h.timed(lambda: flat)]
         out["rebuild"] = [h.timed(lambda: re(flat))]
         h.emit(out)
         out["flatten"].append(h.timed(lambda: jaxflat.destructure(tree)[0]))
         out["rebuild"].append(h.timed(lambda: re(flat)))
-    else:  # the baselines: ravel's first calls, then the floor (compiled first) and copy
+    else:  # ravel's first calls, then the floor (compiled first) and the copy, once each
         from jax.flatten_util import ravel_pytree
 
         t0 = time.perf_counter()
         flat, unravel = ravel_pytree(tree)
-        jax.block_until_ready(flat)
-        out["ravel"] = {"flatten": time.perf_counter() - t0}
+        out["ravel"] = {"flatten": time.perf_counter() - t0 + h.timed(lambda: flat)}
         if leaves <= max_leaves:
             out["ravel"]["rebuild"] = h.timed(lambda: unravel(flat))
         h.emit(out)
         floor = h.Floor(tree, jit=leaves <= max_leaves)
         for op, fns in (("flatten", floor.flatten()), ("rebuild", floor.rebuild(False))):
-            for name in ("jit", "copy"):
-                fn = fns[name]
-                out.setdefault(name, {})[op] = None if fn is None else h.timed(fn)
+            for k in ("jit", "copy"):
+                out.setdefault(k, {})[op] = None if fns[k] is None else h.timed(fns[k])
     h.emit(out)
 
 
 def run(rep: h.Report, cfg: SimpleNamespace) -> None:
-    rep.out("## Cold: first call of a new structure (fresh process)")
-    rep.out()
-    rep.out(
-        "ms. Each workload runs in two fresh processes, which build the tree and warm the "
-        "backend up with an unrelated tiny jitted op first. jaxflat: `call 1` is the first "
-        "`destructure(tree)` / `re(flat)`, `call 2` the next. The other process: eager "
-        "`ravel_pytree`'s first calls (`ravel`), then the jitted concat / split compiled "
-        "beforehand and run once (`jit`, the floor), and a numpy copy of the vector's "
-        f"bytes (`copy`). Above {cfg.baseline_max_leaves} leaves ravel's rebuild and the "
-        "jitted floor are skipped (their compiles take minutes). Ratios are of call 1."
+    rep.section(
+        "Cold: first call of a new structure (fresh process)",
+        "Two fresh processes per workload build the tree and warm the backend up with an "
+        "unrelated tiny jitted op. jaxflat's: `call 1` is the first `destructure(tree)` / "
+        "`re(flat)`, `call 2` the next. The other: eager `ravel_pytree`'s first calls, "
+        "then the jitted floor (compiled first) and the copy, one call each. Above "
+        f"{cfg.baseline_max_leaves} leaves ravel's rebuild and the floor are skipped "
+        "(their compiles take minutes). Ratios are of call 1.",
     )
-    rep.out()
     rows, table = [], []
     for spec in cfg.cold:
         h.log(f"cold {spec}")
@@ -68,17 +61,13 @@ def run(rep: h.Report, cfg: SimpleNamespace) -> None:
         base = h.spawn("sections.cold:child", {"who": "baselines", **arg}, cfg.timeout)
         rows.append({"workload": spec, "jaxflat": jf, "baselines": base})
         for op in ("flatten", "rebuild"):
-            calls = jf.get(op, [])
-            call1 = calls[0] if calls else jf["status"]
+            calls = [*jf.get(op, [jf["status"]]), "n/a"]
             res = {k: base.get(k, {}).get(op) for k in ("ravel", "jit", "copy")}
             table.append(
-                [spec, str(jf.get("leaves", "?")), op, h.ms(call1)]
-                + [h.ms(calls[1]) if len(calls) > 1 else "n/a"]
-                + [h.ms(res[k]) for k in ("ravel", "jit", "copy")]
-                + h.ratios(call1, res)
+                [spec, str(jf.get("leaves", "?")), op, h.ms(calls[0]), h.ms(calls[1])]
+                + [h.ms(res[k]) for k in res]
+                + h.ratios(calls[0], res)
             )
-    rep.table(
-        ["workload", "leaves", "op", "call 1", "call 2", "ravel", "jit", "copy"] + h.RATIO_HEADERS,
-        table,
-    )
+    rep.table(["workload", "leaves", "op", "call 1", "call 2", "ravel", "jit", "copy"]
+              + h.RATIO_HEADERS, table)
     rep.data["sections"]["cold"] = rows

@@ -17,16 +17,13 @@ def grad_of(rebuild: Any, v: Any) -> Any:
 
 
 def run(rep: h.Report, cfg: SimpleNamespace) -> None:
-    rep.out("## Eager `jax.grad` through `re`")
-    rep.out()
-    rep.out(
-        "ms, steady state (median of interleaved samples after 2 warm-up calls), no `jit` "
-        "around the calls: `re` is `jax.grad(lambda v: loss(re(v)))(flat)`, `tree` is "
-        "`jax.grad(loss)(tree)`, `loss = sum(leaf ** 2)`. `ravel` / `jit`: the same "
-        "gradient through ravel_pytree's unravel / through the jitted split (compiled "
-        "beforehand, the floor); `copy`: a numpy copy of the vector's bytes."
+    rep.section(
+        "Eager `jax.grad` through `re`",
+        "Steady state, no `jit` around the calls, `loss = sum(leaf ** 2)`: `re` is "
+        "`jax.grad(lambda v: loss(re(v)))(flat)`, `tree` is `jax.grad(loss)(tree)`; "
+        "`ravel` / `jit` the same gradient through ravel_pytree's unravel / the jitted "
+        "split; `re/tree` the cost of going through the flat vector.",
     )
-    rep.out()
     rows, table = [], []
     for spec in cfg.grad:
         h.log(f"grad {spec}")
@@ -45,13 +42,11 @@ def run(rep: h.Report, cfg: SimpleNamespace) -> None:
         res = h.medians(fns, max(3, cfg.reps // 2))
         rows.append({"workload": spec, "leaves": leaves, "params": params, **res})
         table.append(
-            [spec, str(leaves)]
-            + [h.ms(res[k]) for k in fns]
-            + [h.x(res["re"], res["tree"])]
+            [spec, str(leaves), *(h.ms(res[k]) for k in fns), h.x(res["re"], res["tree"])]
             + h.ratios(res["re"], res)
         )
     rep.table(
-        ["workload", "leaves", "re", "tree", "ravel", "jit", "copy", "re/tree"] + h.RATIO_HEADERS,
+        ["workload", "leaves", "re", "tree", "ravel", "jit", "copy", "re/tree", *h.RATIO_HEADERS],
         table,
     )
     rep.data["sections"]["grad"] = rows

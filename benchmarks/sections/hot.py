@@ -1,5 +1,4 @@
-"""Hot flatten and rebuild: the first calls of one structure, one by one, then
-the steady state, against ravel_pytree, the jitted floor and a copy."""
+"""Hot: the first calls of one structure, one by one, then its steady state."""
 
 from __future__ import annotations
 
@@ -8,7 +7,6 @@ from types import SimpleNamespace
 from typing import Any
 
 import harness as h
-import jax
 
 import jaxflat
 
@@ -17,18 +15,13 @@ SHOWN = (1, 2, 3, 5, 10)
 
 def run(rep: h.Report, cfg: SimpleNamespace) -> None:
     shown = [c for c in SHOWN if c <= cfg.calls]
-    rep.out("## Hot flatten and rebuild")
-    rep.out()
-    rep.out(
-        f"ms. `call k`: the k-th call of a new structure in this process, timed alone "
-        f"(`destructure(tree)` for flatten, `re(flat)` for rebuild). `steady`: median of "
-        f"{cfg.reps} interleaved samples after those {cfg.calls} calls"
-        + (f" and a {cfg.settle:g} s wait" if cfg.settle else "")
-        + " (plus 2 warm-up calls). `jit`: `jax.jit` of a concatenate of ravels / of a "
-        "`lax.split` + reshape, compiled beforehand (the floor); `ravel`: eager "
-        "`ravel_pytree` / its unravel; `copy`: numpy copy of the flat vector's bytes."
+    settle = f" and a {cfg.settle:g} s wait" if cfg.settle else ""
+    rep.section(
+        "Hot flatten and rebuild",
+        "`call k`: the k-th call of a new structure in this process, timed alone "
+        "(`destructure(tree)` for flatten, `re(flat)` for rebuild); `steady`: median of "
+        f"{cfg.reps} interleaved samples after those {cfg.calls} calls{settle} and 2 more.",
     )
-    rep.out()
     rows: dict[str, list[Any]] = {"flatten": [], "rebuild": []}
     for spec in cfg.hot:
         h.log(f"hot {spec}")
@@ -36,29 +29,20 @@ def run(rep: h.Report, cfg: SimpleNamespace) -> None:
         leaves, params = h.describe(tree)
         t0 = time.perf_counter()
         flat, re = jaxflat.destructure(tree)  # flatten call 1
-        jax.block_until_ready(flat)
-        fl = [time.perf_counter() - t0]
-        fl += h.series(lambda t=tree: jaxflat.destructure(t)[0], cfg.calls - 1)
-        rb = h.series(lambda r=re, v=flat: r(v), cfg.calls)
-        if cfg.settle:
-            time.sleep(cfg.settle)
-        floor = h.Floor(tree, jit=leaves <= cfg.baseline_max_leaves)  # after: no warm caches
-        for op, calls, fns in (
-            ("flatten", fl, floor.flatten()),
-            ("rebuild", rb, floor.rebuild(ravel=leaves <= cfg.baseline_max_leaves)),
-        ):
-            if op == "flatten":
-                fns["jaxflat"] = lambda t=tree: jaxflat.destructure(t)[0]
-            else:
-                fns["jaxflat"] = lambda r=re, v=flat: r(v)
-            res = h.medians(fns, cfg.reps)
-            rows[op].append(
-                {"workload": spec, "leaves": leaves, "params": params, "calls": calls, **res}
-            )
-        del tree, floor, flat, re
+        calls = {"flatten": [time.perf_counter() - t0 + h.timed(lambda v=flat: v)]}
+        jf = {"flatten": lambda t=tree: jaxflat.destructure(t)[0], "rebuild": lambda r=re, v=flat: r(v)}
+        calls["flatten"] += [h.timed(jf["flatten"]) for _ in range(cfg.calls - 1)]
+        calls["rebuild"] = [h.timed(jf["rebuild"]) for _ in range(cfg.calls)]
+        time.sleep(cfg.settle)
+        small = leaves <= cfg.baseline_max_leaves
+        floor = h.Floor(tree, jit=small)  # built after: it would warm caches jaxflat uses
+        for op, fns in (("flatten", floor.flatten()), ("rebuild", floor.rebuild(small))):
+            res = h.medians({"jaxflat": jf[op], **fns}, cfg.reps)
+            rows[op].append({"workload": spec, "leaves": leaves, "params": params})
+            rows[op][-1].update(calls=calls[op], **res)
+        del tree, floor, flat, re, jf
     for op in ("flatten", "rebuild"):
-        rep.out(f"### {op.capitalize()}")
-        rep.out()
+        rep.out(f"### {op.capitalize()}\n")
         rep.table(
             ["workload", "leaves", *(f"call {c}" for c in shown), "steady"]
             + ["ravel", "jit", "copy", *h.RATIO_HEADERS],
@@ -70,4 +54,3 @@ def run(rep: h.Report, cfg: SimpleNamespace) -> None:
             ],
         )
     rep.data["sections"]["hot"] = rows
-    jax.clear_caches()
