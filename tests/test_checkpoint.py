@@ -322,17 +322,19 @@ def test_load_checkpoint_without_arrays_folder(tmp_path):
 
 @pytest.fixture
 def orbax_stray_errors(monkeypatch):
-    """Catch the "Event loop is closed" errors that Orbax's abandoned reads
-    sometimes raise through ``sys.unraisablehook`` 10-40 ms after a failed
-    restore, so that they land in this test instead of the next one."""
+    """Catch the "Event loop is closed" errors and "coroutine ... was never
+    awaited" warnings that Orbax's abandoned reads sometimes raise through
+    ``sys.unraisablehook`` 10-40 ms after a failed restore, so that they land
+    in this test instead of the next one."""
     caught = []
     previous = sys.unraisablehook
 
     def hook(args):
-        if isinstance(args.exc_value, RuntimeError) and "Event loop is closed" in str(
-            args.exc_value
+        e = args.exc_value
+        if (isinstance(e, RuntimeError) and "Event loop is closed" in str(e)) or (
+            isinstance(e, RuntimeWarning) and "was never awaited" in str(e)
         ):
-            caught.append(args.exc_value)
+            caught.append(e)
         else:
             previous(args)
 

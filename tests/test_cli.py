@@ -149,8 +149,11 @@ def orbax_stray_errors(monkeypatch):
     previous = sys.unraisablehook
 
     def hook(args):
-        if isinstance(args.exc_value, RuntimeError) and "Event loop is closed" in str(args.exc_value):
-            caught.append(args.exc_value)
+        e = args.exc_value
+        if (isinstance(e, RuntimeError) and "Event loop is closed" in str(e)) or (
+            isinstance(e, RuntimeWarning) and "was never awaited" in str(e)
+        ):
+            caught.append(e)
         else:
             previous(args)
 

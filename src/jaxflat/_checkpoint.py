@@ -657,7 +657,12 @@ def _read(path: Path, fn: Callable[[Path], R]) -> R:
     for attempt in range(READ_RETRIES):
         if attempt:
             time.sleep(min(0.002 * attempt, 0.05))
-        fd, folder = _open(path)
+        try:
+            fd, folder = _open(path)
+        except FileNotFoundError:
+            if attempt + 1 < READ_RETRIES and os.path.exists(_lock_path(path)):
+                continue  # a save without renameat2 may be between its two renames
+            raise
         try:
             locked = _flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
             if locked is False or not _same(fd, folder):
