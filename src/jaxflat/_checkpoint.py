@@ -93,9 +93,9 @@ def _encode(x: Any, path: tuple[Any, ...], arrays: list[Any], entries: list[dict
             entry.update(kind="key", impl=str(jax.random.key_impl(x)), dtype="key")
             x = jax.random.key_data(x)
         elif not _storable(x.dtype):
-            what = "structured" if x.dtype.fields is not None else x.dtype.name
+            what = f"structured ({x.dtype})" if x.dtype.fields is not None else x.dtype.name
             raise TypeError(
-                f"save: {where(path)}: cannot store a numpy array of dtype {what} ({x.dtype}); "
+                f"save: {where(path)}: cannot store a numpy array of dtype {what}; "
                 "only numeric and bool arrays can be saved (convert it, or leave it out of the tree)"
             )
         else:
