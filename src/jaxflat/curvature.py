@@ -279,7 +279,8 @@ def _lanczos(
 
     ``r`` vectors are kept for reorthogonalisation (classical Gram-Schmidt,
     twice). With ``k`` > 0 the run stops once each of the k largest Ritz
-    values changed by at most ``tol`` (relative) in one step. With
+    values changed by at most ``tol`` (relative) in one step, and the change
+    still to come, extrapolated from the last two, is below that too. With
     ``coeffs`` (m, k) it also accumulates ``coeffs.T @ Q`` (Ritz vectors
     without storing Q). A breakdown (an invariant subspace) restarts from a
     random vector orthogonal to the kept ones, with a zero coupling in T.
@@ -288,7 +289,7 @@ def _lanczos(
     eps = float(jnp.finfo(dt).eps)
     basis = lay(jnp.zeros((r, n), dt), 1) if r else None
     ritz = lay(jnp.zeros((coeffs.shape[1], n), dt), 1) if coeffs is not None else None
-    top0 = jnp.full((max(k, 1),), jnp.inf, dt)
+    top0 = jnp.full((2, max(k, 1)), jnp.inf, dt)  # the k largest Ritz values, their last change
     state0 = (0, q0, jnp.zeros_like(q0), jnp.zeros((), dt), jnp.zeros(m, dt), jnp.zeros(m, dt),
               basis, ritz, top0, False, jnp.zeros((), dt))
 
@@ -327,9 +328,13 @@ def _lanczos(
         done = False
         if k:
             new = _top_ritz(alphas, betas, j + 1, k)
-            change = jnp.abs(new - top)
-            done = (j + 1 > k) & jnp.all(change <= tol * jnp.abs(new) + eps * scale)
-            top = new
+            change = jnp.abs(new - top[0])
+            # geometric convergence at the rate of the last two changes: what is still to come
+            rate = jnp.where(top[1] > 0, change / top[1], 0.0)
+            ahead = jnp.where(rate < 1, change * rate / (1 - rate), jnp.inf)
+            bound = tol * jnp.abs(new) + eps * scale
+            done = (j + 1 > k + 1) & jnp.all(change <= bound) & jnp.all(ahead <= bound)
+            top = jnp.stack([new, change])
         return (j + 1, q_next, q, beta, alphas, betas, basis, ritz, top, done, scale)
 
     out = jax.lax.while_loop(cond, body, state0)
@@ -377,9 +382,12 @@ def eigenvalues(
     Lanczos from a random start drawn from ``key`` (the same key gives the
     same result), with the whole loop in ``jax.lax.while_loop`` (one
     compile). It stops when each of the ``k`` largest Ritz values changed by
-    at most ``tol`` relative to itself in the last step (plus a rounding
-    floor of ``eps`` times the spectrum's scale), or after ``iters * k``
-    Hessian-vector products (capped at ``x.size``). An invariant subspace
+    at most ``tol`` relative to itself in the last step, and so would the
+    change still to come if convergence went on at the rate of the last two
+    steps (plus a rounding floor of ``eps`` times the spectrum's scale), or
+    after ``iters * k`` Hessian-vector products (capped at ``x.size``).
+    Ritz values grow monotonically towards the eigenvalues, so the result
+    is typically within ``tol`` of the converged value. An invariant subspace
     (e.g. a Hessian of low rank) restarts the run from a fresh random
     vector orthogonal to the kept ones. These are the algebraically largest
     eigenvalues: a negative eigenvalue of large magnitude is not among them
