@@ -21,3 +21,12 @@ jax.config.update("jax_numpy_rank_promotion", "raise")
 def mode(request):
     """Run a function eagerly or under jax.jit: ``mode(f)(*args)``."""
     return (lambda f: f) if request.param == "eager" else jax.jit
+
+
+@pytest.fixture(autouse=True)
+def _undo_registrations():
+    """Registrations made by a test (register_leaf, register_trainable) end with it."""
+    from jaxflat._predicates import _scoped_registrations
+
+    with _scoped_registrations():
+        yield

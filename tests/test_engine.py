@@ -1,6 +1,7 @@
-"""The eager engine's tiers give the same bits as the traced path."""
+"""The eager engine: every path gives the bits of the traced path; compiles
+happen only when they have paid for themselves, synchronously, bounded."""
 
-import time
+import threading
 
 import jax
 import jax.numpy as jnp
@@ -8,52 +9,82 @@ import numpy as np
 import pytest
 
 import jaxflat
-from jaxflat import _engine
+from jaxflat import _destructure, _engine
 
 
-def wait_for_background_compiles():
-    _engine._POOL.submit(lambda: None).result(timeout=120)
+@pytest.fixture(autouse=True)
+def fresh_caches():
+    """Each test meets its structures for the first time."""
+    _destructure._clear_caches()
+    yield
+    _destructure._clear_caches()
 
 
 def tree_of(n, dtype=jnp.float32):
     return {f"l{i:05d}": jnp.arange(i % 5 + 1, dtype=dtype) * (i + 1) / 7 for i in range(n)}
 
 
-def traced_rebuild(re, v):
-    return jax.jit(lambda v: re(v))(v)
+@pytest.fixture
+def compile_at_once(monkeypatch):
+    """Compiling is 'paid for' from the first call."""
+    monkeypatch.setattr(_engine, "COMPILE_FIXED_S", 0.0)
+    monkeypatch.setattr(_engine, "COMPILE_PER_LEAF_S", {"concat": 0.0, "split": 0.0})
 
 
-@pytest.mark.parametrize("n", [3, 300, 1100])  # xla split / one callback chunk / two chunks
-def test_every_tier_is_bit_identical_to_the_traced_path(n, monkeypatch):
+@pytest.mark.parametrize("n", [3, 300, 1100])  # one callback chunk / two chunks
+def test_every_path_is_bit_identical_to_the_traced_path(n, monkeypatch, compile_at_once):
     monkeypatch.setattr(_engine, "CALLBACK_CHUNK", 1024)
     tree = tree_of(n)
     flat, re = jaxflat.destructure(tree)
     want_flat = jax.jit(lambda t: jaxflat.destructure(t)[0])(tree)
-    want = traced_rebuild(re, flat)
-    for call in range(4):  # host path, then the background-compiled programs
-        flat_now = jaxflat.destructure(tree)[0]
+    want = jax.jit(lambda v: re(v))(flat)
+    for _ in range(3):  # the host path, then the compiled programs
+        np.testing.assert_array_equal(jaxflat.destructure(tree)[0], want_flat)
         got = re(flat)
-        np.testing.assert_array_equal(flat_now, want_flat)
         for k in tree:
             np.testing.assert_array_equal(got[k], want[k])
             assert got[k].dtype == want[k].dtype
-        if call == 1:
-            wait_for_background_compiles()
-    programs = re._plan.programs
-    assert programs.concat is not None and programs.split is not None
+    engine = re._plan.engine
+    assert engine.concat is not None and engine.cutter is not None
 
 
-def test_compiled_programs_refuse_other_inputs_and_fall_back():
+def test_a_new_structure_compiles_nothing_on_its_first_calls():
+    tree = tree_of(50)
+    flat, re = jaxflat.destructure(tree)
+    for _ in range(3):
+        jaxflat.destructure(tree), re(flat)
+    engine = re._plan.engine
+    assert engine.concat is None and engine.cutter is None
+    assert 0 < engine.host_seconds["concat"] < engine.budget["concat"]
+
+
+def test_compiles_once_host_time_reaches_the_estimate(monkeypatch):
+    monkeypatch.setattr(_engine, "COMPILE_FIXED_S", 0.002)
+    monkeypatch.setattr(_engine, "COMPILE_PER_LEAF_S", {"concat": 0.0, "split": 0.0})
+    tree = tree_of(20)
+    flat, re = jaxflat.destructure(tree)
+    engine = re._plan.engine
+    calls = 1
+    while engine.concat is None:
+        jaxflat.destructure(tree)
+        calls += 1
+        assert calls < 10_000
+    assert engine.host_seconds["concat"] >= 0.002
+    np.testing.assert_array_equal(jaxflat.destructure(tree)[0], flat)
+
+
+def test_compiled_programs_refuse_other_inputs_and_fall_back(compile_at_once):
     tree = tree_of(20)
     flat, re = jaxflat.destructure(tree)
     re(flat), re(flat), jaxflat.destructure(tree)
-    wait_for_background_compiles()
     other = jax.device_put(flat, jax.devices()[1])  # another device than compiled for
     out = re(other)
     assert out["l00000"].devices() == {jax.devices()[1]}
     np.testing.assert_array_equal(out["l00003"], tree["l00003"])
     as_int = re(jnp.arange(flat.size))  # another dtype: cast per leaf
     assert as_int["l00001"].dtype == jnp.float32
+    moved = {k: jax.device_put(x, jax.devices()[2]) for k, x in tree.items()}
+    assert jaxflat.destructure(moved)[0].devices() == {jax.devices()[2]}
 
 
 def test_rebuilt_leaves_survive_donating_the_flat_vector():
@@ -68,18 +99,53 @@ def test_rebuilt_leaves_survive_donating_the_flat_vector():
         np.testing.assert_array_equal(out[k], before[k])
 
 
-def test_large_structures_stay_on_the_host_path(monkeypatch):
+def test_large_structures_stay_on_the_host_path(monkeypatch, compile_at_once):
     monkeypatch.setattr(_engine, "HOST_ONLY_BYTES", 1024)
     tree = {"w": jnp.ones((64, 64))}
     flat, re = jaxflat.destructure(tree)
     for _ in range(3):
         jaxflat.destructure(tree), re(flat)
-    wait_for_background_compiles()
-    time.sleep(0.01)
-    assert re._plan.programs.concat is None and re._plan.programs.split is None
+    engine = re._plan.engine
+    assert engine.budget == {"concat": None, "split": None}
+    assert engine.concat is None and engine.cutter is None
     np.testing.assert_array_equal(re(flat)["w"], tree["w"])
+
+
+def test_many_leaves_never_compile_a_concatenate(monkeypatch, compile_at_once):
+    monkeypatch.setattr(_engine, "MAX_CONCAT_LEAVES", 10)
+    tree = tree_of(11)
+    flat, re = jaxflat.destructure(tree)
+    for _ in range(3):
+        jaxflat.destructure(tree)
+    assert re._plan.engine.concat is None and re._plan.engine.budget["concat"] is None
+
+
+def test_no_thread_is_started(compile_at_once):
+    before = threading.active_count()
+    for n in (3, 40, 200):
+        tree = tree_of(n)
+        flat, re = jaxflat.destructure(tree)
+        for _ in range(3):
+            jaxflat.destructure(tree), re(flat)
+    assert threading.active_count() == before
+    assert not [t for t in threading.enumerate() if t.name.startswith("jaxflat")]
 
 
 def test_flatten_buffer_is_aligned():
     buf = _engine._aligned(1000, np.float32)
     assert buf.ctypes.data % _engine.ALIGN == 0 and buf.shape == (1000,)
+
+
+@pytest.mark.parametrize(
+    "dtypes, want",
+    [
+        ((jnp.float8_e4m3fn, jnp.float32), jnp.float32),
+        ((jnp.float8_e5m2, jnp.bfloat16), jnp.bfloat16),
+        ((jnp.float8_e4m3fn, jnp.float8_e5m2), jnp.float32),
+        ((jnp.float8_e4m3fn, jnp.float8_e4m3fn), jnp.float8_e4m3fn),
+        ((jnp.bfloat16, jnp.float32), jnp.float32),
+        ((), jnp.float32),
+    ],
+)
+def test_flat_dtype_takes_the_widest_float_over_float8(dtypes, want):
+    assert _engine.flat_dtype([np.dtype(d) for d in dtypes]) == np.dtype(want)

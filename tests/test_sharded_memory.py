@@ -18,7 +18,7 @@ from jax import lax
 from jax.sharding import AxisType, NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from jaxflat import _sharded
+from jaxflat import _mesh as _sharded
 
 AUTO, EXPLICIT = AxisType.Auto, AxisType.Explicit
 

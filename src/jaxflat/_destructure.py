@@ -2,24 +2,21 @@
 
 from __future__ import annotations
 
-import collections
-import functools
 import itertools
 from collections.abc import Callable
-from typing import Any, Generic, NamedTuple, TypeVar, cast
+from typing import Any, Generic, NamedTuple, TypeVar
 
 import jax
 import jax.numpy as jnp
 import numpy as np
-from flax import nnx
 from jax import tree_util as jtu
 
 from . import _engine
 from . import _predicates as P
-from ._walk import rebuild, walk
+from ._walk import LRU, Structure, structure
 
 T = TypeVar("T")
-_NONPARAM_ARRAY, _CONST = -1, -2
+_ARRAY, _CONST = -1, -2  # kinds of non-parameter leaves; a parameter's kind is its index
 
 
 class LayoutEntry(NamedTuple):
@@ -32,153 +29,107 @@ class LayoutEntry(NamedTuple):
     dtype: np.dtype
 
 
-class _Structure(NamedTuple):
-    """What a tree's shape alone decides: cached per treedef for plain trees."""
+class Plan:
+    """Everything static about a Restructure: frozen, hashable, and equal to
+    any plan built from the same structure, leaf kinds, shapes, dtypes and
+    shardings (``jit`` caches on it). Its engine holds compiled programs,
+    which never take part in equality."""
 
-    key: Any  # hashable: the treedef, or the walk's frames for trees with ties
-    unflatten: Callable[[list[Any]], Any]
-    paths: list[tuple[Any, ...]]
-    train: list[bool]
-    root: str
-    tied: bool  # rebuilt from a walk (ties); never cached
-    mutable: bool  # has nnx Variables: check for ties before using the cache
+    __slots__ = ("key", "hash", "st", "kinds", "spec", "given", "dtype", "length",
+                 "engine", "params", "others", "_layout")
 
-
-class _Plan:
-    """Everything static about a Restructure. Interned per structure, so
-    identity equality is structural equality (``jit`` caches on it)."""
-
-    def __init__(self, st: _Structure, kinds: tuple[int, ...], spec: _engine.Spec,
-                 paths: list[str], shardings: Any, flat_sharding: Any,
-                 given: tuple[Any, ...] | None = None) -> None:
-        self.unflatten = st.unflatten
-        self.root = st.root
+    def __init__(self, st: Structure, kinds: tuple[int, ...], spec: _engine.Spec,
+                 given: tuple[np.dtype, ...], placement: tuple[Any, Any, Any]) -> None:
+        self.key = (st.key, kinds, spec, given, placement)
+        self.hash = hash(self.key)
+        self.st = st
         self.kinds = kinds
         self.spec = spec
-        self.shardings = shardings
-        self.flat_sharding = flat_sharding
-        self.dtype = jnp.dtype(jnp.result_type(*(d for _, d in spec))) if spec else jnp.dtype(jnp.float32)
-        stops = list(itertools.accumulate(_engine.sizes(spec)))
-        dtypes = given or [d for _, d in spec]  # as given (float64 numpy stays float64 here)
-        self.layout = tuple(
-            LayoutEntry(p, stop - size, stop, shape, np.dtype(dtype))
-            for p, stop, size, (shape, _), dtype in zip(
-                paths, stops, _engine.sizes(spec), spec, dtypes
+        self.given = given  # the parameters' own dtypes (float64 numpy stays float64 here)
+        self.dtype = _engine.flat_dtype([d for _, d in spec])
+        self.engine = _engine.Engine(spec, self.dtype, *placement)
+        self.length = self.engine.length
+        self.params = [i for i, k in enumerate(kinds) if k >= 0]
+        self.others = [i for i, k in enumerate(kinds) if k < 0]
+        self._layout: tuple[LayoutEntry, ...] | None = None
+
+    def __eq__(self, other: object) -> bool:
+        return self is other or (isinstance(other, Plan) and self.key == other.key)
+
+    def __hash__(self) -> int:
+        return self.hash
+
+    @property
+    def layout(self) -> tuple[LayoutEntry, ...]:
+        if self._layout is None:  # built on first use: a pure function of the plan
+            sizes = _engine.sizes(self.spec)
+            stops = itertools.accumulate(sizes)
+            self._layout = tuple(
+                LayoutEntry(jtu.keystr(self.st.paths[i]), stop - size, stop, shape, dtype)
+                for i, stop, size, (shape, _), dtype in zip(
+                    self.params, stops, sizes, self.spec, self.given, strict=True
+                )
             )
-        )
-        self.length = stops[-1] if stops else 0
-        self.programs = _engine.Programs(spec, self.dtype, shardings, flat_sharding)
-        # Index lists for the hot path (see destructure).
-        self.idx = [i for i, k in enumerate(kinds) if k >= 0]
-        self.array_idx = [i for i, k in enumerate(kinds) if k == _NONPARAM_ARRAY]
-        self.const_idx = [i for i, k in enumerate(kinds) if k == _CONST]
-        self.check_idx = [i for i, k in enumerate(kinds) if k < 0 and st.train[i]]
+        return self._layout
 
     def fits(self, leaves: list[Any]) -> bool:
-        """Do the non-parameter leaves still sort as they did? (The
-        parameters are checked by the compiled program itself.)"""
-        for i in self.check_idx:
+        """Do the non-parameter leaves still sort as they did? (Parameters
+        are checked by the compiled program they are passed to.)"""
+        train = self.st.train
+        for i in self.others:
             x = leaves[i]
-            if _numeric(x) or isinstance(x, P.ARRAY_TYPES) != (self.kinds[i] == _NONPARAM_ARRAY):
+            if isinstance(x, P.ARRAY_TYPES) != (self.kinds[i] == _ARRAY) or (train[i] and P.isnumeric(x)):
                 return False
         return True
 
-    def restructure(self, leaves: list[Any]) -> Restructure[Any]:
-        return Restructure(
-            self,
-            tuple(leaves[i] for i in self.array_idx),
-            _Consts(leaves[i] for i in self.const_idx),
-        )
+    def restructure(self, leaves: list[Any], root: str) -> Restructure[Any]:
+        arrays = [leaves[i] for i, k in enumerate(self.kinds) if k == _ARRAY]
+        consts = _Consts(leaves[i] for i, k in enumerate(self.kinds) if k == _CONST)
+        return Restructure(self, tuple(arrays), consts, root)
 
 
-_STRUCTURES: dict[Any, _Structure] = {}
-_HOT: dict[Any, _Plan] = {}  # the latest plan of each plain structure
-_PLANS: collections.OrderedDict[Any, _Plan] = collections.OrderedDict()
-_CACHE_SIZE = 512
+# Plans, interned: an equal plan found here has the same key, so it is the
+# plan this call would build (and it keeps its compiled programs). _LATEST:
+# the last plan of each cached structure, for the compiled fast path, which
+# is taken only when ``Plan.fits`` and the compiled program accept the leaves.
+_PLANS: LRU[Any, Plan] = LRU(256)
+_LATEST: LRU[Any, Plan] = LRU(256)
 
 
-def _remember(cache: Any, key: Any, value: Any) -> Any:
-    cache[key] = value
-    if len(cache) > _CACHE_SIZE:
-        cache.pop(next(iter(cache)))
-    return value
+def _clear_caches() -> None:
+    """Forget every structure and plan (for tests)."""
+    from ._walk import _STRUCTURES
+
+    for cache in (_STRUCTURES, _PLANS, _LATEST):
+        cache.clear()
 
 
-def _untied(tree: Any) -> bool:
-    """No nnx.Variable at two places (one C++ flatten that stops at them)."""
-    nodes = jtu.tree_leaves(tree, is_leaf=lambda x: isinstance(x, nnx.Variable))
-    ids = {id(x) for x in nodes if isinstance(x, nnx.Variable)}
-    return len(ids) == sum(isinstance(x, nnx.Variable) for x in nodes)
+_CANONICAL: dict[tuple[np.dtype, bool], np.dtype] = {}
 
 
-def _structure(tree: Any) -> tuple[list[Any], _Structure]:
-    """The tree's leaves and structure, cached on the treedef. Trees whose
-    nnx Variables are tied (one object at two places) are walked each time,
-    since identity is not part of a treedef."""
-    is_leaf = P.is_registered_leaf if P._LEAF_TYPES else None
-    leaves, td = jtu.tree_flatten(tree, is_leaf=is_leaf)
-    treedef: Any = td
-    ckey = (treedef, P._VERSION[0])
-    st = _STRUCTURES.get(ckey)
-    if st is not None and (not st.mutable or _untied(tree)):
-        return leaves, st
-    w = walk(tree)
-    root = type(tree).__name__
-    if not w.tied:
-        st = _Structure(treedef, treedef.unflatten, w.paths, w.train, root, False, w.mutable)
-        return w.leaves, _remember(_STRUCTURES, ckey, st)
-    key = w.skeleton()
-    return w.leaves, _Structure(key, functools.partial(rebuild, key), w.paths, w.train, root, True, True)
-
-
-_INEXACT: dict[Any, bool] = {}
-_CANONICAL: dict[Any, Any] = {}
-
-
-def _canonical(dtype: Any) -> Any:
-    """The dtype JAX will hold (float64 numpy leaves are float32 without x64)."""
-    key = (dtype, jax.config.read("jax_enable_x64"))
+def _canonical(dtype: np.dtype, x64: bool) -> np.dtype:
+    """The dtype JAX holds (float64 numpy leaves are float32 without x64);
+    memoised: a pure function of the dtype and the x64 flag in the key."""
+    key = (dtype, x64)
     out = _CANONICAL.get(key)
     if out is None:
-        out = _CANONICAL[key] = jax.dtypes.canonicalize_dtype(dtype)
+        out = _CANONICAL[key] = np.dtype(jax.dtypes.canonicalize_dtype(dtype))
     return out
 
 
-def _numeric(x: Any) -> bool:
-    if not isinstance(x, P.ARRAY_TYPES):
-        return False
-    dt = cast(Any, x).dtype
-    ok = _INEXACT.get(dt)
-    if ok is None:
-        ok = _INEXACT[dt] = bool(jnp.issubdtype(dt, jnp.inexact))
-    return ok and not P.is_registered_leaf(x)
-
-
-def _placement(params: list[Any], paths: list[tuple[Any, ...]], idx: list[int], sharding: Any) -> Any:
-    """The per-parameter shardings (None: all on one device, or traced) and
-    the flat vector's sharding; ValueError for parameters on different
-    single devices."""
-    seen: dict[Any, int] = {}
-    for i, p in zip(idx, params):
-        if isinstance(p, jax.Array) and not isinstance(p, jax.core.Tracer):
-            seen.setdefault(p.sharding, i)
-    single = {s: i for s, i in seen.items() if len(s.device_set) == 1}
-    devices = {next(iter(s.device_set)): i for s, i in single.items()}
-    if len(devices) > 1:
-        (d1, i1), (d2, i2) = list(devices.items())[:2]
-        raise ValueError(
-            "destructure: parameters live on different devices: "
-            f"{jtu.keystr(paths[i1])} on {d1} and {jtu.keystr(paths[i2])} on {d2}; put "
-            "them on one device (jax.device_put) or shard them over one mesh"
-        )
-    if len(single) == len(seen) and sharding is None:
-        return None, None
-    if len(seen) < len(params):  # numpy or traced among sharded: let XLA lay them out
-        return None, sharding
-    from ._sharding import flat_sharding
-
-    shardings = tuple(p.sharding for p in params)
-    return shardings, sharding if sharding is not None else flat_sharding(params)
+def _committed(arrays: tuple[Any, ...]) -> tuple[Any, ...]:
+    """``arrays`` with uncommitted jax arrays committed to their device (the
+    same values, no copy), so that a ``re`` passed to ``jit`` looks like one
+    returned from it, and a step ``(v, re) -> (v', re')`` compiles once."""
+    loose = [i for i, x in enumerate(arrays) if isinstance(x, jax.Array)
+             and not isinstance(x, jax.core.Tracer) and not x.committed]
+    if not loose:
+        return arrays
+    out = list(arrays)
+    moved = jax.device_put([out[i] for i in loose], [out[i].sharding for i in loose])
+    for i, x in zip(loose, moved, strict=True):
+        out[i] = x
+    return tuple(out)
 
 
 class Restructure(Generic[T]):
@@ -207,12 +158,19 @@ class Restructure(Generic[T]):
       [("['w']", 0, 4)]
     """
 
-    __slots__ = ("_plan", "_arrays", "_consts", "__weakref__")
+    __slots__ = ("_plan", "_arrays", "_consts", "_root", "_children", "__weakref__")
 
-    def __init__(self, plan: _Plan, arrays: tuple[Any, ...], consts: Any) -> None:
+    def __init__(self, plan: Plan, arrays: tuple[Any, ...], consts: Any, root: str) -> None:
         self._plan = plan
-        self._arrays = arrays
+        self._arrays = arrays  # what re(v) puts back, as they were
         self._consts = consts
+        self._root = root
+        self._children: tuple[Any, ...] | None = None  # the arrays as pytree children
+
+    def _tree_flatten(self) -> tuple[tuple[Any, ...], tuple[Any, ...]]:
+        if self._children is None:  # committed once: arrays are immutable values
+            self._children = _committed(self._arrays)
+        return self._children, (self._plan, self._consts, self._root)
 
     @property
     def length(self) -> int:
@@ -230,7 +188,7 @@ class Restructure(Generic[T]):
         return self._plan.length
 
     def __repr__(self) -> str:
-        return f"Restructure({self._plan.root}, ..., {self._plan.length})"
+        return f"Restructure({self._root}, ..., {self._plan.length})"
 
     def __call__(self, flat: Any) -> T:
         """Rebuild the tree with the parameters taken from ``flat``.
@@ -239,24 +197,35 @@ class Restructure(Generic[T]):
           ValueError: ``flat`` is not a vector of length ``self.length``.
         """
         plan = self._plan
-        v = flat if isinstance(flat, jax.Array) else jnp.asarray(flat)
+        v = flat if isinstance(flat, jax.Array) else _as_vector(flat, plan.length)
         if v.shape != (plan.length,):
             hint = "; for a batch of vectors use jax.vmap(re)" if v.ndim == 2 else ""
             raise ValueError(
                 f"Restructure expected a vector of shape ({plan.length},), got {v.shape}{hint}"
             )
         if not plan.spec:
-            pieces = []
+            pieces: list[Any] = []
         elif isinstance(v, jax.core.Tracer):
-            pieces = _engine.split(plan.programs, plan.shardings, v)
+            pieces = _engine.split(plan.engine, v)
         else:
-            pieces = plan.programs.unflatten(v, plan.shardings)
+            pieces = plan.engine.split(v)
         arrays, consts = iter(self._arrays), iter(self._consts)
         leaves = [
-            pieces[k] if k >= 0 else next(arrays) if k == _NONPARAM_ARRAY else next(consts)
+            pieces[k] if k >= 0 else next(arrays) if k == _ARRAY else next(consts)
             for k in plan.kinds
         ]
-        return plan.unflatten(leaves)  # type: ignore[no-any-return]
+        return plan.st.unflatten(leaves)  # type: ignore[no-any-return]
+
+
+def _as_vector(x: Any, length: int) -> jax.Array:
+    if isinstance(x, np.ndarray | np.generic | list | tuple) or hasattr(x, "__jax_array__"):
+        try:
+            return jnp.asarray(x)
+        except (TypeError, ValueError):
+            pass
+    raise ValueError(
+        f"Restructure expected a flat vector of shape ({length},), got a {type(x).__name__}"
+    )
 
 
 class _Consts(tuple):  # type: ignore[type-arg]
@@ -266,7 +235,7 @@ class _Consts(tuple):  # type: ignore[type-arg]
         return (
             isinstance(other, _Consts)
             and len(self) == len(other)
-            and all(a is b or _safe_eq(a, b) for a, b in zip(self, other))
+            and all(a is b or _safe_eq(a, b) for a, b in zip(self, other, strict=True))
         )
 
     def __hash__(self) -> int:
@@ -289,8 +258,8 @@ def _safe_hash(x: Any) -> int:
 
 jtu.register_pytree_node(
     Restructure,
-    lambda re: (re._arrays, (re._plan, re._consts)),
-    lambda aux, arrays: Restructure(aux[0], tuple(arrays), aux[1]),
+    Restructure._tree_flatten,
+    lambda aux, arrays: Restructure(aux[0], tuple(arrays), aux[1], aux[2]),
 )
 
 
@@ -311,18 +280,22 @@ def destructure(
       * Order: ``jax.tree_util.tree_leaves(tree)``, each raveled in C order.
       * dtype: ``jnp.result_type`` of the parameter dtypes (float32 with
         bfloat16 gives float32; any complex parameter makes it complex);
-        no parameters give shape ``(0,)`` float32. ``re(v)`` projects each
-        piece back: float64 into float32 rounds, complex into real keeps the
-        real part.
+        float8 types, which JAX does not promote, give way to the widest
+        other float present. No parameters give shape ``(0,)`` float32.
+        ``re(v)`` projects each piece back: float64 into float32 rounds,
+        complex into real keeps the real part.
       * Everything else (non-trainable arrays, ints, keys, functions,
-        strings, None) comes back from ``re`` as it was.
+        strings, None) comes back from ``re`` as it was (jax arrays
+        committed to their device, so a jitted step that returns a new
+        ``re`` compiles once).
       * Ties: an ``nnx.Variable`` or ``nnx.Module`` found at several places
         by identity is one set of parameters, stored once and rebuilt
         shared; its gradient is the sum over its uses. Equal arrays are not
         ties.
       * Devices: ``flat`` lives where the parameters live; parameters on two
         different single devices are a ``ValueError``; parameters sharded
-        over a mesh give a ``flat`` spread over that mesh (or ``sharding``).
+        over a mesh give a ``flat`` spread over that mesh (or ``sharding``;
+        ``re(v)`` still gives each leaf its own sharding).
       * Works on traced trees: ``destructure`` is differentiable and
         jit-able, and ``re`` works under ``jit``, ``grad``, ``hessian``,
         ``jvp`` and ``vmap`` (a batch of vectors gives a batch of trees).
@@ -336,6 +309,11 @@ def destructure(
     Returns:
       ``(flat, re)``: the 1-D ``jax.Array`` and the :class:`Restructure`.
 
+    Raises:
+      TypeError: ``tree`` is a class, not an instance.
+      ValueError: parameters on different devices; a trainable rule naming
+        something that is not a child.
+
     Example:
       >>> import jax, jax.numpy as jnp, jaxflat
       >>> flat, re = jaxflat.destructure({"x": jnp.array([1.0, 2.0]), "y": (jnp.sin, jnp.array([3.0 + 4.0j]))})
@@ -344,37 +322,30 @@ def destructure(
       >>> re(jnp.array([3, 5, 7 + 11j]))
       {'x': Array([3., 5.], dtype=float32), 'y': (<PjitFunction of <function sin at ...>>, Array([7.+11.j], dtype=complex64))}
     """
-    leaves, st = _structure(tree)
-    hot_key = (st.key, P._VERSION[0]) if filter is None and sharding is None and not st.tied else None
-    if hot_key is not None:
-        plan = _HOT.get(hot_key)
-        if plan is not None and plan.programs.concat is not None and plan.fits(leaves):
+    leaves, st = structure(tree)
+    root = "ArrayImpl" if isinstance(tree, jax.core.Tracer) else type(tree).__name__  # as eagerly
+    hot = filter is None and sharding is None and not st.dynamic
+    if hot:
+        plan = _LATEST.get(st.key)
+        if plan is not None and plan.engine.concat is not None and plan.fits(leaves):
             try:
-                flat = plan.programs.concat(*[leaves[i] for i in plan.idx])
-                return flat, plan.restructure(leaves)
+                flat = plan.engine.concat(*[leaves[i] for i in plan.params])
+                return flat, plan.restructure(leaves, root)
             except (TypeError, ValueError):
                 pass  # new shapes, dtypes or devices: the general path below
-    idx = [
-        i
-        for i, (x, t) in enumerate(zip(leaves, st.train))
-        if t and _numeric(x) and (filter is None or filter(st.paths[i], x))
-    ]
-    params = [leaves[i] for i in idx]
-    shardings, flat_sharding = _placement(params, st.paths, idx, sharding)
-    spec = tuple((tuple(p.shape), _canonical(p.dtype)) for p in params)
-    dts = tuple(p.dtype for p in params)
-    given = dts if any(g != d for g, (_, d) in zip(dts, spec)) else None
-    pkey = (st.key, P._VERSION[0], tuple(idx), spec, given, shardings, flat_sharding)
-    plan = _PLANS.get(pkey)
-    if plan is None:
-        kinds, n = [], 0
-        for x in leaves:
-            kinds.append(_NONPARAM_ARRAY if isinstance(x, P.ARRAY_TYPES) else _CONST)
-        for n, i in enumerate(idx):
-            kinds[i] = n
-        paths = [jtu.keystr(st.paths[i]) for i in idx]
-        plan = _Plan(st, tuple(kinds), spec, paths, shardings, flat_sharding, given)
-        _remember(_PLANS, pkey, plan)
-    if hot_key is not None:
-        _remember(_HOT, hot_key, plan)
-    return plan.programs.flatten(params, plan.flat_sharding), plan.restructure(leaves)
+    kinds = [_ARRAY if isinstance(x, P.ARRAY_TYPES) else _CONST for x in leaves]
+    where: list[int] = []  # the parameters' leaf indices
+    for i, (x, t) in enumerate(zip(leaves, st.train, strict=True)):
+        if t and P.isnumeric(x) and (filter is None or filter(st.paths[i], x)):
+            kinds[i] = len(where)
+            where.append(i)
+    params = [leaves[i] for i in where]
+    given = tuple(np.dtype(p.dtype) for p in params)
+    x64 = bool(jax.config.read("jax_enable_x64"))
+    spec = tuple((tuple(p.shape), _canonical(d, x64)) for p, d in zip(params, given, strict=True))
+    placement = _engine.placement(params, sharding, lambda i: jtu.keystr(st.paths[where[i]]))
+    new = Plan(st, tuple(kinds), spec, given, placement)
+    plan = _PLANS.get(new) or _PLANS.put(new, new)
+    if hot:
+        _LATEST.put(st.key, plan)
+    return plan.engine.flatten(params), plan.restructure(leaves, root)

@@ -1,31 +1,35 @@
-"""How flat vectors are made and split: the one place that picks a strategy.
+"""How flat vectors are made and cut: the one place that picks a strategy.
 
-* Traced values (inside ``jit``, ``grad``, ``vmap``): plain ``jnp`` ops, a
-  ``concatenate`` and a ``lax.split`` whose transpose is one concatenate.
-* Concrete arrays on one CPU device (eager use on CPU):
-  - flatten: the first calls of a structure go through numpy views (no XLA
-    compile at all, so a new structure costs milliseconds); from the second
-    call on, one concatenate program is compiled in a background thread
-    and used once ready (its dispatch is a single C++ call).
-  - rebuild: a program holding one host callback that cuts the vector into
-    numpy views (XLA compiles one custom call, not one kernel per leaf, so
-    a 1000-leaf structure compiles in a fraction of a second, where one
-    slice per leaf takes XLA:CPU ~10 ms each). For structures of at most
-    ``XLA_SPLIT_MAX_LEAVES`` leaves, the plain XLA split is compiled in the
-    background from the second call on, and used once ready.
-* Anything else (accelerators, meshes): one jitted program per structure
-  and sharding, cached. Over a mesh, the moves are written out by hand
-  (``_sharded``) so that no device ever holds much more than its share.
+``Engine(spec, dtype, shardings, flat_sharding)`` serves one plan. Its
+``flatten(params)`` and ``split(v)`` take one of four paths, chosen in
+``_path``:
 
-The compiled concatenate is a ``jax.stages.Compiled`` object, which checks
-the argument types and shardings of every call; a mismatch falls back to
-the general path, so a cached program is never applied to the wrong input.
+* ``traced`` (inside ``jit``, ``grad``, ``vmap``): one ``jnp.concatenate``;
+  one ``lax.split`` whose transpose is one concatenate.
+* ``mesh`` (parameters sharded over a mesh): ``_mesh``'s memory-bounded
+  moves, in one jitted program per plan.
+* ``host`` (concrete arrays on one CPU device): numpy views, no compile: a
+  new structure costs milliseconds. Once the host path has spent as long on
+  a plan as compiling it is estimated to take (rent-or-buy: never more than
+  twice the best cost in hindsight), one program is compiled, synchronously,
+  and used from then on: a concatenate, and a host callback that cuts the
+  vector (XLA compiles one custom call per 1024 leaves, not one kernel per
+  leaf). Structures above ``MAX_CONCAT_LEAVES`` leaves or ``HOST_ONLY_BYTES``
+  stay on the host, where numpy is as fast and XLA's compile is not bounded.
+* ``compiled`` (any other single device, e.g. a GPU): one jitted program
+  per plan.
+
+The compiled concatenate is a ``jax.stages.Compiled``, which checks the
+types, shapes and devices of every call: a mismatch falls back to the host
+path, so a program is never applied to inputs it was not built for.
 """
 
 from __future__ import annotations
 
-import concurrent.futures
 import functools
+import itertools
+import time
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import jax
@@ -33,251 +37,271 @@ import jax.numpy as jnp
 import numpy as np
 from jax import lax
 
-from . import _sharded
+Spec = tuple[tuple[tuple[int, ...], np.dtype], ...]  # (shape, dtype) per parameter
 
-# spec: tuple of (shape, dtype) per parameter, in flat order.
-Spec = tuple[tuple[tuple[int, ...], Any], ...]
-
-_POOL = concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="jaxflat")
-# XLA:CPU compiles a split at ~10 ms per output: worth it in the background
-# for small structures only (a plain copy beats the host callback there).
-XLA_SPLIT_MAX_LEAVES = 256
-CALLBACK_CHUNK = 1024
-# Above this, numpy's memcpy beats XLA:CPU's concatenate and split, and the
-# host path is kept for good.
-HOST_ONLY_BYTES = 64 * 2**20
-ALIGN = 64
+# Compile cost estimates on a 2-core CPU (benchmarks/): seconds, fixed + per leaf.
+COMPILE_FIXED_S = 0.03
+COMPILE_PER_LEAF_S = {"concat": 1.0e-3, "split": 0.3e-3}
+MAX_CONCAT_LEAVES = 2048  # XLA:CPU's concatenate compile grows faster than linearly
+HOST_ONLY_BYTES = 64 * 2**20  # above this, numpy's copy beats XLA:CPU's
+CALLBACK_CHUNK = 1024  # leaves per host callback (a callback's compile is superlinear)
+ALIGN = 64  # device_put aliases a 64-byte aligned numpy buffer instead of copying
 
 
 def sizes(spec: Spec) -> list[int]:
     return [int(np.prod(shape, dtype=np.int64)) for shape, _ in spec]
 
 
-def _traced(xs: Any) -> bool:
-    return any(isinstance(x, jax.core.Tracer) for x in xs)
+def cast(x: Any, dtype: Any) -> Any:
+    """``x`` as ``dtype`` (numpy or jax): complex into real keeps the real part."""
+    if x.dtype == dtype:
+        return x
+    if jnp.issubdtype(x.dtype, jnp.complexfloating) and not jnp.issubdtype(dtype, jnp.complexfloating):
+        x = x.real
+    return x.astype(dtype)
 
 
-def _on_host(xs: Any) -> jax.Device | None:
-    """The CPU device all concrete arrays live on, or None if the host path
-    does not apply (a tracer, an accelerator, several devices, a mesh)."""
+def flat_dtype(dtypes: Sequence[Any]) -> np.dtype:
+    """``jnp.result_type`` of the parameters; float8 types, which JAX does not
+    promote implicitly, give way to the widest other float present."""
+    if not dtypes:
+        return np.dtype(jnp.float32)
+    try:
+        return np.dtype(jnp.result_type(*dtypes))
+    except jax.dtypes.TypePromotionError:
+        wide = [d for d in dtypes if np.dtype(d).itemsize > 1]
+        return np.dtype(jnp.result_type(*wide)) if wide else np.dtype(jnp.float32)
+
+
+def placement(params: Sequence[Any], sharding: Any, name: Callable[[int], str]) -> tuple[Any, Any, Any]:
+    """Where the flat vector goes, decided once per plan: ``(shardings,
+    flat_sharding, target)``: the parameters' shardings over a mesh (None:
+    all on one device, or traced), the flat vector's layout for the moves,
+    and where the result is finally put when ``sharding`` is not on the
+    parameters' mesh (else None).
+
+    Raises:
+      ValueError: parameters on different single devices (``name(i)`` names
+        parameter ``i``).
+    """
+    seen: dict[Any, int] = {}
+    for i, p in enumerate(params):
+        if isinstance(p, jax.Array) and not isinstance(p, jax.core.Tracer):
+            seen.setdefault(p.sharding, i)
+    single = {s: i for s, i in seen.items() if len(s.device_set) == 1}
+    devices = {next(iter(s.device_set)): i for s, i in single.items()}
+    if len(devices) > 1:
+        (d1, i1), (d2, i2) = list(devices.items())[:2]
+        raise ValueError(
+            f"destructure: parameters live on different devices: {name(i1)} on {d1} and "
+            f"{name(i2)} on {d2}; put them on one device (jax.device_put) or shard them over one mesh"
+        )
+    if len(single) == len(seen) and sharding is None:
+        return None, None, None
+    if len(seen) < len(params):  # numpy or traced among sharded: let XLA lay them out
+        return None, sharding, None
+    from . import _mesh
+
+    shardings = tuple(p.sharding for p in params)
+    mesh = next((s.mesh for s in shardings if isinstance(s, jax.sharding.NamedSharding)), None)
+    if sharding is None:
+        return shardings, _mesh.flat_sharding(list(params)), None
+    if mesh is not None and not (
+        isinstance(sharding, jax.sharding.NamedSharding) and _mesh.same_mesh(sharding.mesh, mesh)
+    ):  # e.g. one device for the vector of a model sharded over a mesh
+        return shardings, _mesh.flat_sharding(list(params)), sharding
+    return shardings, sharding, None
+
+
+def _device(arrays: Sequence[Any]) -> Any:
+    """The one CPU device all concrete arrays live on, for the host path;
+    None where it does not apply (a tracer, an accelerator, several devices)."""
     device: Any = None
-    for x in xs:
+    for x in arrays:
         if isinstance(x, np.ndarray):
             continue
-        if not isinstance(x, jax.Array) or isinstance(x, jax.core.Tracer):
+        if isinstance(x, jax.core.Tracer) or not isinstance(x, jax.Array):
             return None
-        devs = x.sharding.device_set
-        if len(devs) != 1:
+        devices = x.sharding.device_set
+        if len(devices) != 1:
             return None
-        d: Any = next(iter(devs))
+        d = next(iter(devices))
         if d.platform != "cpu" or (device is not None and d != device):
             return None
         device = d
     if device is None and jax.default_backend() == "cpu":
         device = jax.devices("cpu")[0]  # numpy leaves only
-    return device  # type: ignore[no-any-return]
-
-
-def _cast(x: Any, dtype: Any, xp: Any) -> Any:
-    if xp.iscomplexobj(x) and not jnp.issubdtype(dtype, jnp.complexfloating):
-        x = xp.real(x)
-    return x.astype(dtype) if x.dtype != dtype else x
-
-
-class Programs:
-    """The compiled fast paths of one plan (see the module docstring)."""
-
-    def __init__(self, spec: Spec, dtype: Any, shardings: Any = None, flat_sharding: Any = None) -> None:
-        self.spec = spec
-        self.dtype = dtype
-        self.shardings = shardings  # the leaves' shardings over a mesh, or None
-        self.flat_sharding = flat_sharding
-        stops = np.cumsum(sizes(spec)).tolist() if spec else []
-        self.slices = [slice(a, b) for a, b in zip([0, *stops[:-1]], stops)]
-        self.nbytes = (stops[-1] if stops else 0) * np.dtype(dtype).itemsize
-        self.concat: Any = None  # a Compiled concatenate, once built
-        self.split: Any = None  # a callable v -> pieces (Compiled programs), once built
-        self.flatten_calls = self.split_calls = 0
-
-    # ------------------------------------------------------------ flatten
-    def flatten(self, params: list[Any], sharding: Any) -> jax.Array:
-        if not params:
-            return jnp.zeros((0,), self.dtype)
-        if _traced(params):
-            return _concat_traced(params, self.dtype, sharding, self.shardings)
-        if self.concat is not None:
-            try:
-                return self.concat(*params)  # type: ignore[no-any-return]
-            except (TypeError, ValueError):
-                pass  # other types or devices than compiled for
-        device = None if sharding is not None else _on_host(params)
-        if device is None:
-            program = _concat_program(jnp.dtype(self.dtype), sharding, self.shardings)
-            return program(list(params))  # type: ignore[no-any-return]
-        out = _aligned(sum(int(np.prod(p.shape)) for p in params), self.dtype)
-        np.concatenate([np.asarray(p).reshape(-1) for p in params], out=out)
-        self.flatten_calls += 1
-        if self.flatten_calls == 2 and self.nbytes < HOST_ONLY_BYTES:
-            avals = [_abstract(p, device) for p in params]
-            _POOL.submit(self._compile_concat, avals)
-        return jax.device_put(out, device)  # aliases the aligned buffer: no copy
-
-    def _compile_concat(self, avals: list[Any]) -> None:
-        fn = functools.partial(_concat_varargs, dtype=self.dtype)
-        self.concat = jax.jit(fn).lower(*avals).compile()
-
-    # ------------------------------------------------------------ rebuild
-    def unflatten(self, v: jax.Array, shardings: Any) -> list[Any]:
-        if isinstance(v, jax.core.Tracer):
-            return _split_traced(self.spec, v, shardings, self.flat_sharding)
-        device = None if shardings is not None else _on_host([v])
-        if device is None:
-            program = _split_program(self.spec, shardings, self.flat_sharding)
-            return program(v)  # type: ignore[no-any-return]
-        if self.split is not None:
-            try:
-                return self.split(v)  # type: ignore[no-any-return]
-            except (TypeError, ValueError):
-                pass  # another dtype or device than compiled for
-        a = np.asarray(v)
-        vdt = np.dtype(v.dtype)
-        out = jax.device_put([_piece(a, s, shape, vdt, dt) for s, (shape, dt) in
-                              zip(self.slices, self.spec)], device)
-        self.split_calls += 1
-        if self.split_calls == 2 and self.nbytes < HOST_ONLY_BYTES:
-            aval = jax.ShapeDtypeStruct(v.shape, v.dtype, sharding=v.sharding)
-            _POOL.submit(self._compile_split, aval)
-        return out  # type: ignore[no-any-return]
-
-    def _compile_split(self, aval: Any) -> None:
-        if len(self.spec) <= XLA_SPLIT_MAX_LEAVES:  # a plain XLA split
-            fn = functools.partial(_split_traced, self.spec)
-            self.split = jax.jit(fn).lower(aval).compile()
-            return
-        # Host callbacks over chunks of leaves: XLA compiles one custom call
-        # per chunk, not one kernel per leaf (and a callback of 10000 outputs
-        # compiles superlinearly, so chunks stay at CALLBACK_CHUNK).
-        chunks = []
-        for i in range(0, len(self.spec), CALLBACK_CHUNK):
-            chunks.append(self._callback(aval, slice(i, i + CALLBACK_CHUNK)))
-
-        def run(v: jax.Array) -> list[Any]:
-            return [x for c in chunks for x in c(v)]
-
-        self.split = run
-
-    def _callback(self, aval: Any, part: slice) -> Any:
-        spec, slices = self.spec[part], self.slices[part]
-        out = [jax.ShapeDtypeStruct(shape, dtype) for shape, dtype in spec]
-
-        vdt = np.dtype(aval.dtype)
-        same = [np.dtype(dt) == vdt for _, dt in spec]
-
-        def host(a: Any) -> list[Any]:
-            a = np.asarray(a)
-            if a.dtype != vdt:
-                return [_piece(a, s, shape, a.dtype, dt) for s, (shape, dt) in zip(slices, spec)]
-            return [
-                a[s].reshape(shape) if ok else _piece(a, s, shape, vdt, dt)
-                for s, (shape, dt), ok in zip(slices, spec, same)
-            ]
-
-        def program(v: jax.Array) -> Any:
-            return jax.pure_callback(host, out, v)
-
-        # A plain jit (its C++ dispatch; a Compiled object holding a host
-        # callback is called through a slow Python path), warmed up here.
-        fn = jax.jit(program)
-        jax.block_until_ready(fn(jnp.zeros(aval.shape, aval.dtype, device=aval.sharding)))
-        return fn
-
-
-def _piece(a: np.ndarray, s: slice, shape: Any, vdt: Any, dt: Any) -> np.ndarray:
-    """One parameter's numpy view of the flat vector, cast if it must be."""
-    x = a[s]
-    if np.dtype(dt) != vdt:
-        x = (x.real if _drops_imag(vdt, dt) else x).astype(dt)
-    return x.reshape(shape)
+    return device
 
 
 def _aligned(n: int, dtype: Any) -> np.ndarray:
-    """An uninitialised 1-D numpy buffer aligned so that device_put aliases it."""
+    """An uninitialised 1-D numpy buffer that ``device_put`` can alias."""
     itemsize = np.dtype(dtype).itemsize
     raw = np.empty(n * itemsize + ALIGN, np.uint8)
     offset = (-raw.ctypes.data) % ALIGN
     return raw[offset : offset + n * itemsize].view(dtype)
 
 
-def _drops_imag(src: Any, dst: Any) -> bool:
-    return bool(jnp.issubdtype(src, jnp.complexfloating)) and not jnp.issubdtype(dst, jnp.complexfloating)
-
-
-def _abstract(p: Any, device: Any) -> jax.ShapeDtypeStruct:
-    sharding = jax.sharding.SingleDeviceSharding(device)
-    return jax.ShapeDtypeStruct(p.shape, p.dtype, sharding=sharding)
-
-
-# ---------------------------------------------------------------- traced ops
-
-
-def _concat_traced(
-    params: list[Any], dtype: Any, sharding: Any = None, shardings: Any = None
-) -> jax.Array:
-    if not params:
-        return jnp.zeros((0,), dtype)
-    if sharding is None:
-        typed: list[Any] = [getattr(jax.typeof(p), "sharding", None) for p in params]
-        mesh = next((t.mesh for t in typed if _sharded._explicit(t)), None)
-        if mesh is not None:  # explicitly sharded tracers: replicate unless told
-            sharding = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
-    if sharding is not None:  # a mesh: memory-bounded moves (see _sharded)
-        return _sharded.concat(params, dtype, sharding, shardings=shardings)
+def concat_traced(params: Sequence[Any], dtype: Any) -> jax.Array:
     return jnp.concatenate([jnp.ravel(p).astype(dtype) for p in params])
 
 
-def _concat_varargs(*params: Any, dtype: Any) -> jax.Array:
-    return _concat_traced(list(params), dtype)
-
-
-@functools.lru_cache(maxsize=256)
-def _concat_program(dtype: Any, sharding: Any, shardings: Any) -> Any:
-    return jax.jit(
-        functools.partial(_concat_traced, dtype=dtype, sharding=sharding, shardings=shardings)
-    )
-
-
-def _split_traced(
-    spec: Spec, v: jax.Array, shardings: Any = None, flat_sharding: Any = None
-) -> list[jax.Array]:
-    if not spec:
-        return []
-    if shardings is not None and v.ndim == 1:  # a mesh: see _sharded
-        return _sharded.split(v, spec, shardings, flat_sharding=flat_sharding)
+def split_traced(spec: Spec, v: jax.Array) -> list[jax.Array]:
+    """``v`` (or a batch of them, on its last axis) cut into the parameters."""
     pieces = lax.split(v, sizes(spec), axis=v.ndim - 1)
     lead = v.shape[:-1]
-    return [_cast(p.reshape(*lead, *shape), dt, jnp) for p, (shape, dt) in zip(pieces, spec)]
+    return [cast(p.reshape(*lead, *shape), dt) for p, (shape, dt) in zip(pieces, spec, strict=True)]
 
 
-@functools.lru_cache(maxsize=256)
-def _split_program(spec: Spec, shardings: Any, flat_sharding: Any) -> Any:
-    return jax.jit(
-        functools.partial(_split_traced, spec, shardings=shardings, flat_sharding=flat_sharding)
-    )
+class Engine:
+    """Flatten and split for one plan; holds its compiled programs."""
+
+    def __init__(self, spec: Spec, dtype: np.dtype, shardings: Any = None,
+                 flat_sharding: Any = None, target: Any = None) -> None:
+        self.spec = spec
+        self.dtype = dtype
+        self.shardings = shardings  # the parameters' shardings over a mesh, or None
+        self.flat_sharding = flat_sharding  # the flat vector's layout (see placement)
+        self.target = target  # where the flat vector finally goes, if elsewhere
+        stops = np.cumsum([0, *sizes(spec)]).tolist()
+        self.slices = [slice(a, b) for a, b in itertools.pairwise(stops)]
+        self.length = stops[-1]
+        nbytes = self.length * dtype.itemsize
+        self.budget = {  # seconds of host work after which compiling pays; None: never
+            kind: COMPILE_FIXED_S + per_leaf * len(spec)
+            if nbytes < HOST_ONLY_BYTES and (kind == "split" or len(spec) <= MAX_CONCAT_LEAVES)
+            else None
+            for kind, per_leaf in COMPILE_PER_LEAF_S.items()
+        }
+        self.host_seconds = {"concat": 0.0, "split": 0.0}
+        self.concat: Any = None  # Compiled concatenate, on the host path
+        self.cutter: Any = None  # (dtype, device, callable) for the host path
+        self.programs: dict[str, Any] = {}  # mesh and compiled paths: jitted functions
+
+    def _path(self, arrays: Sequence[Any]) -> tuple[str, Any]:
+        if any(isinstance(x, jax.core.Tracer) for x in arrays):
+            return "traced", None
+        if self.shardings is not None or self.flat_sharding is not None:
+            return "mesh", None
+        device = _device(arrays)
+        return ("host", device) if device is not None else ("compiled", None)
+
+    def _rent(self, kind: str, start: float) -> bool:
+        """Count host time; True when a compile has now paid for itself."""
+        budget = self.budget[kind]
+        if budget is None:
+            return False
+        self.host_seconds[kind] += time.perf_counter() - start
+        return self.host_seconds[kind] >= budget
+
+    def _program(self, name: str, make: Callable[[], Any]) -> Any:
+        fn = self.programs.get(name)
+        if fn is None:
+            fn = self.programs[name] = make()
+        return fn
+
+    # ---------------------------------------------------------------- flatten
+
+    def flatten(self, params: list[Any]) -> jax.Array:
+        if not params:
+            return jnp.zeros((0,), self.dtype)
+        path, device = self._path(params)
+        if path == "traced":
+            return self._concat_traced(params)
+        if path == "mesh":
+            out = self._program("concat", lambda: jax.jit(self._concat_traced))(params)
+            return out if self.target is None else jax.device_put(out, self.target)  # type: ignore[no-any-return]
+        if path == "compiled":
+            concat = functools.partial(concat_traced, dtype=self.dtype)
+            return jax.device_put(self._program("concat", lambda: jax.jit(concat))(params))  # type: ignore[no-any-return]
+        if self.concat is not None:
+            try:
+                return self.concat(*params)  # type: ignore[no-any-return]
+            except (TypeError, ValueError):
+                pass  # not what it was compiled for: the host path
+        start = time.perf_counter()
+        out = _aligned(self.length, self.dtype)
+        np.concatenate([np.asarray(p).reshape(-1) for p in params], out=out)
+        flat = jax.device_put(out, device)
+        if self._rent("concat", start) and self.concat is None:
+            avals = [jax.ShapeDtypeStruct(p.shape, p.dtype, sharding=jax.sharding.SingleDeviceSharding(device)) for p in params]
+            self.concat = jax.jit(_concat_varargs, static_argnames="dtype").lower(*avals, dtype=self.dtype).compile()
+        return flat
+
+    def _concat_traced(self, params: list[Any]) -> jax.Array:
+        from . import _mesh
+
+        sharding = self.flat_sharding
+        if sharding is None:  # explicitly sharded tracers: replicate unless told
+            mesh = _mesh.explicit_mesh(params)
+            if mesh is not None:
+                sharding = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
+        if sharding is None:
+            return concat_traced(params, self.dtype)
+        return _mesh.concat(params, self.dtype, sharding, shardings=self.shardings)
+
+    # ---------------------------------------------------------------- split
+
+    def split(self, v: jax.Array) -> list[Any]:
+        path, device = self._path([v])
+        if path == "traced":
+            return self._split_traced(v)
+        if path == "mesh":
+            if self.target is not None:
+                v = jax.device_put(v, self.flat_sharding)
+            return self._program("split", lambda: jax.jit(self._split_traced))(v)  # type: ignore[no-any-return]
+        if path == "compiled":
+            return self._program("split", lambda: jax.jit(functools.partial(split_traced, self.spec)))(v)  # type: ignore[no-any-return]
+        if self.cutter is not None and self.cutter[:2] == (v.dtype, device):
+            return self.cutter[2](v)  # type: ignore[no-any-return]
+        start = time.perf_counter()
+        a = np.asarray(v)
+        out = jax.device_put(
+            [cast(a[s].reshape(shape), dt) for s, (shape, dt) in zip(self.slices, self.spec, strict=True)],
+            device,
+        )
+        if self._rent("split", start) and self.cutter is None:
+            self.cutter = (v.dtype, device, self._callbacks(v))
+        return out  # type: ignore[no-any-return]
+
+    def _split_traced(self, v: jax.Array) -> list[jax.Array]:
+        if self.shardings is not None and v.ndim == 1:
+            from . import _mesh
+
+            return _mesh.split(v, self.spec, self.shardings, flat_sharding=self.flat_sharding)
+        return split_traced(self.spec, v)
+
+    def _callbacks(self, v: jax.Array) -> Callable[[jax.Array], list[Any]]:
+        """Jitted host callbacks cutting ``v``, one per CALLBACK_CHUNK leaves."""
+        def chunk(part: slice) -> Any:
+            spec, slices = self.spec[part], self.slices[part]
+            out = [jax.ShapeDtypeStruct(shape, dt) for shape, dt in spec]
+
+            def host(a: Any) -> list[Any]:
+                a = np.asarray(a)
+                return [cast(a[s].reshape(shape), dt) for s, (shape, dt) in zip(slices, spec, strict=True)]
+
+            fn = jax.jit(lambda v: jax.pure_callback(host, out, v))
+            jax.block_until_ready(fn(v))  # compile now, not on first use
+            return fn
+
+        chunks = [chunk(slice(i, i + CALLBACK_CHUNK)) for i in range(0, len(self.spec), CALLBACK_CHUNK)]
+        return lambda v: [x for c in chunks for x in c(v)]
 
 
-@functools.partial(jax.custom_jvp, nondiff_argnums=(0, 1))
-def split(programs: Programs, shardings: Any, v: jax.Array) -> list[jax.Array]:
-    """``v`` cut into parameters of the given shapes and dtypes, for a traced
-    ``v`` (a concrete one goes straight to ``programs.unflatten``).
+def _concat_varargs(*params: Any, dtype: Any) -> jax.Array:
+    return concat_traced(params, dtype)
 
-    A custom JVP keeps the fast primal path in eager ``jax.grad`` while the
-    tangent is a plain ``lax.split``, which transposes to one concatenate.
-    """
-    return programs.unflatten(v, shardings)
+
+@functools.partial(jax.custom_jvp, nondiff_argnums=(0,))
+def split(engine: Engine, v: jax.Array) -> list[Any]:
+    """``v`` cut into the parameters. A custom JVP keeps eager ``jax.grad``
+    on the fast concrete path while the tangent is a plain ``lax.split``,
+    which transposes to one concatenate."""
+    return engine.split(v)
 
 
 @split.defjvp
-def _split_jvp(programs: Programs, shardings: Any, primals: Any, tangents: Any) -> Any:
+def _split_jvp(engine: Engine, primals: Any, tangents: Any) -> Any:
     (v,), (t,) = primals, tangents
-    tangent = _split_traced(programs.spec, t, shardings, programs.flat_sharding)
-    return split(programs, shardings, v), tangent
+    return split(engine, v), engine._split_traced(t)

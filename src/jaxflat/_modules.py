@@ -4,8 +4,8 @@ from __future__ import annotations
 
 from typing import Any
 
-from flax import nnx
 
+from . import _nnx
 from ._walk import walk
 
 
@@ -33,7 +33,7 @@ def modules(tree: Any, /) -> list[Any]:
     out = []
     for i in w.preorder:
         node = w.frames[i].node
-        if id(node) not in seen and not isinstance(node, nnx.Variable):
+        if id(node) not in seen and not _nnx.is_variable(node):
             seen.add(id(node))
             out.append(node)
     return out

@@ -1,28 +1,63 @@
 """The single source of truth: what is a leaf, a number, a trainable child.
 
 Every jaxflat function (destructure, modules, state, loadmodel, summary)
-consults these predicates and nothing else.
+consults these predicates and registries and nothing else. Library
+knowledge (Flax NNX, in ``_nnx``) is expressed through the same registries.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable
+import contextlib
+from collections.abc import Callable, Iterable, Iterator
 from typing import Any, cast
 
 import jax
 import jax.numpy as jnp
 import numpy as np
-from flax import nnx
 from jax import tree_util as jtu
 
-_LEAF_TYPES: tuple[type, ...] = ()
-_TRAINABLE: dict[type, Iterable[Any] | Callable[[Any], Iterable[Any]]] = {}
-# Bumped on every registry change, so that caches keyed on structure expire.
-_VERSION = [0]
+Names = tuple[Any, ...] | None  # None: every child
+Rule = Names | Callable[[Any], Iterable[Any]]
 
-# Mutable nodes: the same object at two places is one tied node.
-MUTABLE_TYPES: tuple[type, ...] = (nnx.Variable, nnx.Pytree)
 ARRAY_TYPES: tuple[type, ...] = (jax.Array, np.ndarray)
+
+
+class _Registry:
+    """Every registration in one place, with a version bumped on each change
+    (caches keyed on it expire) and a private snapshot/restore for tests."""
+
+    def __init__(self) -> None:
+        self.leaves: tuple[type, ...] = ()
+        self.mutable: tuple[type, ...] = ()  # the same object at two places is one tie
+        self.hidden: tuple[type, ...] = ()  # library internals, children only in jax's eyes
+        self.trainable: dict[type, Rule] = {}
+        self.version = 0
+
+    def snapshot(self) -> tuple[Any, ...]:
+        return self.leaves, self.mutable, self.hidden, dict(self.trainable)
+
+    def restore(self, snap: tuple[Any, ...]) -> None:
+        self.leaves, self.mutable, self.hidden, trainable = snap
+        self.trainable = dict(trainable)
+        self.version += 1
+
+
+REGISTRY = _Registry()
+
+
+@contextlib.contextmanager
+def _scoped_registrations() -> Iterator[None]:
+    """Undo every registration made inside the block (for tests)."""
+    snap = REGISTRY.snapshot()
+    try:
+        yield
+    finally:
+        REGISTRY.restore(snap)
+
+
+def _check_class(fn: str, cls: Any) -> None:
+    if not isinstance(cls, type):
+        raise TypeError(f"{fn} expects a class, got {cls!r}")
 
 
 def register_leaf(cls: type) -> type:
@@ -35,6 +70,9 @@ def register_leaf(cls: type) -> type:
     Args:
       cls: the class to treat as a leaf. Returned, so this works as a decorator.
 
+    Raises:
+      TypeError: ``cls`` is not a class.
+
     Example:
       >>> import jax, jaxflat
       >>> @jaxflat.register_leaf
@@ -44,15 +82,80 @@ def register_leaf(cls: type) -> type:
       >>> jaxflat.isleaf(Config())
       True
     """
-    global _LEAF_TYPES
-    if cls not in _LEAF_TYPES:
-        _LEAF_TYPES = (*_LEAF_TYPES, cls)
-        _VERSION[0] += 1
+    _check_class("register_leaf", cls)
+    if cls not in REGISTRY.leaves:
+        REGISTRY.leaves = (*REGISTRY.leaves, cls)
+        REGISTRY.version += 1
     return cls
 
 
+def register_mutable(cls: type, *, hidden: tuple[type, ...] = ()) -> None:
+    """Library hook (see ``_nnx``): instances of ``cls`` are mutable nodes,
+    tied by identity; children of the ``hidden`` types are not shown to users."""
+    REGISTRY.mutable = (*REGISTRY.mutable, cls)
+    REGISTRY.hidden = (*REGISTRY.hidden, *hidden)
+    REGISTRY.version += 1
+
+
+def register_trainable(cls: type, fields: Iterable[Any] | Callable[[Any], Iterable[Any]]) -> None:
+    """Say which children of ``cls`` instances optimisers should see.
+
+    A name that is not a child of the node is an error when such a node is
+    first met (naming it and the node's real children), never a silent
+    model without parameters. A child whose own class is registered with no
+    trainable fields is not a trainable child of its parent either.
+
+    Args:
+      cls: the node class; the rule applies to its subclasses too.
+      fields: child names (attribute names, dict keys or positions, as in the
+        node's jax key path), or a function ``node -> names``, called on each
+        node every time (so it may look at the node's values).
+
+    Raises:
+      TypeError: ``cls`` is not a class, or ``fields`` is a string.
+
+    Example:
+      >>> import dataclasses, jax, jax.numpy as jnp, jaxflat
+      >>> @jax.tree_util.register_dataclass
+      ... @dataclasses.dataclass
+      ... class Affine:
+      ...     w: jax.Array
+      ...     b: jax.Array
+      >>> jaxflat.register_trainable(Affine, ["w"])
+      >>> list(jaxflat.trainable(Affine(jnp.ones(2), jnp.zeros(2))))
+      ['w']
+      >>> jaxflat.destructure(Affine(jnp.ones(2), jnp.zeros(2)))[1].length
+      2
+    """
+    _check_class("register_trainable", cls)
+    rule: Rule
+    if callable(fields):
+        rule = fields
+    elif isinstance(fields, str):
+        raise TypeError(
+            f"register_trainable({cls.__name__}, ...): fields must be an iterable "
+            f"of names, got the string {fields!r}; write [{fields!r}]"
+        )
+    else:
+        rule = tuple(fields)
+    _set_rule(cls, rule)
+
+
+def _set_rule(cls: type, rule: Rule) -> None:
+    REGISTRY.trainable[cls] = rule
+    REGISTRY.version += 1
+
+
 def is_registered_leaf(x: Any) -> bool:
-    return bool(_LEAF_TYPES) and isinstance(x, _LEAF_TYPES)
+    return bool(REGISTRY.leaves) and isinstance(x, REGISTRY.leaves)
+
+
+def is_mutable(x: Any) -> bool:
+    return isinstance(x, REGISTRY.mutable)
+
+
+def is_hidden(x: Any) -> bool:
+    return isinstance(x, REGISTRY.hidden)
 
 
 def children(node: Any) -> tuple[jtu.PyTreeDef, list[tuple[Any, Any]]] | None:
@@ -64,7 +167,6 @@ def children(node: Any) -> tuple[jtu.PyTreeDef, list[tuple[Any, Any]]] | None:
     if isinstance(node, ARRAY_TYPES) or is_registered_leaf(node):
         return None
     pairs, treedef = jtu.tree_flatten_with_path(node, is_leaf=lambda y: y is not node)
-    treedef = cast(Any, treedef)
     if treedef.num_nodes == 1 and treedef.num_leaves == 1:
         return None
     return treedef, [(path[0], child) for path, child in pairs]
@@ -76,11 +178,6 @@ def keyname(key: Any) -> Any:
         if hasattr(key, attr):
             return getattr(key, attr)
     return key
-
-
-def hidden(key: Any, child: Any) -> bool:
-    """Library internals that are children in jax's eyes but not to users."""
-    return isinstance(child, nnx.pytreelib.PytreeState)
 
 
 def isleaf(x: Any) -> bool:
@@ -99,6 +196,9 @@ def isleaf(x: Any) -> bool:
     return kids is None or not kids[1]
 
 
+_INEXACT: dict[Any, bool] = {}
+
+
 def isnumeric(x: Any) -> bool:
     """True exactly for leaf arrays of inexact dtype: the values optimisers move.
 
@@ -114,74 +214,53 @@ def isnumeric(x: Any) -> bool:
       >>> jaxflat.isnumeric(jax.random.key(0))
       False
     """
-    return (
-        isinstance(x, ARRAY_TYPES)
-        and not is_registered_leaf(x)
-        and jnp.issubdtype(cast(Any, x).dtype, jnp.inexact)
-    )
+    if not isinstance(x, ARRAY_TYPES) or is_registered_leaf(x):
+        return False
+    dtype = cast(Any, x).dtype
+    # A cache that cannot go stale: the answer is a pure function of the dtype.
+    ok = _INEXACT.get(dtype)
+    if ok is None:
+        ok = _INEXACT[dtype] = bool(jnp.issubdtype(dtype, jnp.inexact))
+    return ok
 
 
-def register_trainable(
-    cls: type, fields: Iterable[Any] | Callable[[Any], Iterable[Any]]
-) -> None:
-    """Say which children of ``cls`` instances optimisers should see.
-
-    Args:
-      cls: the node class; the rule applies to its subclasses too.
-      fields: child names (attribute names, dict keys or positions, as in the
-        node's jax key path), or a function ``node -> names``.
-
-    Example:
-      >>> import dataclasses, jax, jax.numpy as jnp, jaxflat
-      >>> @jax.tree_util.register_dataclass
-      ... @dataclasses.dataclass
-      ... class Affine:
-      ...     w: jax.Array
-      ...     b: jax.Array
-      >>> jaxflat.register_trainable(Affine, ["w"])
-      >>> list(jaxflat.trainable(Affine(jnp.ones(2), jnp.zeros(2))))
-      ['w']
-      >>> jaxflat.destructure(Affine(jnp.ones(2), jnp.zeros(2)))[1].length
-      2
-    """
-    if not isinstance(cls, type):
-        raise TypeError(f"register_trainable expects a class, got {cls!r}")
-    if not callable(fields):
-        if isinstance(fields, str):
-            raise TypeError(
-                f"register_trainable({cls.__name__}, ...): fields must be an iterable "
-                f"of names, got the string {fields!r}; write [{fields!r}]"
-            )
-        fields = tuple(fields)
-    _TRAINABLE[cls] = fields
-    _VERSION[0] += 1
-
-
-def _rule(node: Any) -> Iterable[Any] | Callable[[Any], Iterable[Any]] | None:
-    if not _TRAINABLE:
-        return None
+def _rule(node: Any) -> Rule:
     for cls in type(node).__mro__:
-        if cls in _TRAINABLE:
-            return _TRAINABLE[cls]
+        if cls in REGISTRY.trainable:
+            return REGISTRY.trainable[cls]
     return None
 
 
-def _frozen_variable(x: Any) -> bool:
-    return isinstance(x, nnx.Variable) and not isinstance(x, nnx.Param)
+def _closed(node: Any) -> bool:
+    """A node registered with no trainable children at all (e.g. nnx.BatchStat)."""
+    return bool(REGISTRY.trainable) and _rule(node) == ()
 
 
-def trainable_mask(node: Any, pairs: list[tuple[Any, Any]]) -> list[bool]:
-    """For each ``(key, child)`` of ``node``, whether that child is trainable."""
-    if _frozen_variable(node):
-        return [False] * len(pairs)
-    rule = _rule(node)
+def trainable_mask(node: Any, pairs: list[tuple[Any, Any]]) -> tuple[list[bool], bool]:
+    """For each ``(key, child)`` of ``node``, whether that child is trainable;
+    and whether a callable rule decided it (such answers depend on values).
+
+    Raises:
+      ValueError: the node's rule names something that is not a child.
+    """
+    rule = _rule(node) if REGISTRY.trainable else None
+    dynamic = callable(rule)
     allowed = None if rule is None else set(rule(node) if callable(rule) else rule)
-    return [
-        not hidden(k, c)
-        and not _frozen_variable(c)
-        and (allowed is None or keyname(k) in allowed)
+    if allowed is not None:
+        names = [keyname(k) for k, _ in pairs]
+        unknown = [n for n in allowed if n not in names]
+        if unknown:
+            real = ", ".join(repr(n) for n, (_, c) in zip(names, pairs, strict=True) if not is_hidden(c))
+            raise ValueError(
+                f"register_trainable({type(node).__name__}, ...): "
+                f"{', '.join(map(repr, unknown))} is not a child of {type(node).__name__}; "
+                f"its children are {real or 'none'}"
+            )
+    mask = [
+        not is_hidden(c) and not _closed(c) and (allowed is None or keyname(k) in allowed)
         for k, c in pairs
     ]
+    return mask, dynamic
 
 
 def trainable(node: Any) -> dict[Any, Any]:
@@ -205,4 +284,5 @@ def trainable(node: Any) -> dict[Any, Any]:
     if kids is None:
         return {}
     pairs = kids[1]
-    return {keyname(k): c for (k, c), m in zip(pairs, trainable_mask(node, pairs)) if m}
+    mask, _ = trainable_mask(node, pairs)
+    return {keyname(k): c for (k, c), m in zip(pairs, mask, strict=True) if m}

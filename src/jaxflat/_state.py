@@ -7,18 +7,20 @@ from typing import Any, TypeVar
 import jax
 import jax.numpy as jnp
 import numpy as np
-from flax import nnx
 
+from jax import tree_util as jtu
+
+from . import _nnx
 from . import _predicates as P
 from ._errors import describe, raise_all, where
-from ._walk import EMPTY, LEAF, Frame, Walk, walk
+from ._walk import EMPTY, FRAME, LEAF, Frame, Item, Walk, walk
 
 T = TypeVar("T")
 _SCALARS = (bool, int, float, complex, str, type(None))
 
 
 def _isarray(x: Any) -> bool:
-    return isinstance(x, (*P.ARRAY_TYPES, jax.ShapeDtypeStruct))
+    return isinstance(x, (*P.ARRAY_TYPES, np.generic, jax.ShapeDtypeStruct))
 
 
 def _state_leaf(x: Any) -> Any:
@@ -35,14 +37,14 @@ def _state_empty(x: Any) -> Any:
 
 def _state_node(frame: Frame, values: list[Any]) -> Any:
     node = frame.node
-    if isinstance(node, nnx.Variable):
+    if _nnx.is_variable(node):
         return values[0] if len(values) == 1 else ()
     if type(node) in (tuple, list):
         return type(node)(values)
     return {
         P.keyname(k): v
         for k, v, c in zip(frame.keys, values, frame.items)
-        if not (c[0] == EMPTY and P.hidden(k, c[1].unflatten([])))
+        if not _hidden(c)
     }
 
 
@@ -72,20 +74,6 @@ def state(tree: Any, /) -> Any:
 # ---------------------------------------------------------------- loadmodel
 
 
-def _src_children(s: Any) -> dict[Any, Any] | None:
-    kids = P.children(s)
-    if kids is None:
-        return None
-    return {P.keyname(k): c for k, c in kids[1] if not P.hidden(k, c)}
-
-
-def _lookup(src: dict[Any, Any], name: Any) -> tuple[bool, Any]:
-    if name in src:
-        return True, src[name]
-    alt = {str(k): v for k, v in src.items()}  # int keys that went through text
-    return (True, alt[str(name)]) if str(name) in alt else (False, None)
-
-
 def _iskey(x: Any) -> bool:
     return bool(jax.dtypes.issubdtype(x.dtype, jax.dtypes.prng_key))
 
@@ -94,76 +82,108 @@ def _inactive(x: Any) -> bool:
     return x is None or x is False
 
 
-class _Matcher:
-    """Walks ``dst`` (via the shared walk) and ``src`` by child names."""
+_ABSENT = object()
 
-    def __init__(self, dst: Any) -> None:
+
+class _Matcher:
+    """Pairs ``dst``'s walk with ``src``'s walk by child names.
+
+    ``problems``: every mismatch, with its key path. ``assigned``: dst leaf
+    index -> (the src value for it, its path); a src value of None means
+    zeros (an inactive parameter). ``zero_checks``: src values that must be
+    all zero (loaded into an inactive parameter).
+    """
+
+    def __init__(self, dst: Any, src: Any) -> None:
         self.w: Walk = walk(dst)
+        self.src: Walk = walk(src)
         self.problems: list[str] = []
         self.assigned: dict[int, tuple[Any, tuple[Any, ...]]] = {}
         self.zero_checks: list[tuple[Any, tuple[Any, ...]]] = []
+        self._item(self.w.root, self.src.root, ())
 
-    def run(self, src: Any) -> None:
-        self._item(self.w.root, src, ())
-
-    def _item(self, item: tuple[int, Any], s: Any, path: tuple[Any, ...]) -> None:
+    def _value(self, item: Item) -> Any:
         kind, i = item
+        if kind == LEAF:
+            return self.src.leaves[i]
+        return self.src.frames[i].node if kind == FRAME else i.unflatten([])
+
+    def _named(self, walk_: Walk, item: Item) -> dict[Any, tuple[Any, Item]]:
+        """A node's visible children: name -> (key, item)."""
+        if item[0] != FRAME:
+            return {}
+        fr = walk_.frames[item[1]]
+        return {P.keyname(k): (k, it) for k, it in zip(fr.keys, fr.items, strict=True) if not _hidden(it)}
+
+    def _item(self, d: Item, s: Item, path: tuple[Any, ...]) -> None:
+        kind, i = d
         if kind == LEAF:
             self._leaf(i, self.w.leaves[i], s, path)
         elif kind == EMPTY:
             self._empty(i.unflatten([]), s, path)
         else:
-            self._frame(self.w.frames[i], s, path)
+            self._frame(self.w.frames[i], d, s, path)
 
-    def _frame(self, fr: Frame, s: Any, path: tuple[Any, ...]) -> None:
-        visible = [(k, it) for k, it in zip(fr.keys, fr.items) if not _hidden_item(k, it)]
-        if isinstance(fr.node, nnx.Variable) and not isinstance(s, nnx.Variable):
-            (k, it), = visible  # a Variable's state is its value
+    def _frame(self, fr: Frame, d: Item, s: Item, path: tuple[Any, ...]) -> None:
+        src = self._value(s)
+        if _nnx.is_variable(fr.node) and not _nnx.is_variable(src):
+            (k, it), = self._named(self.w, d).values()  # a Variable's state is its value
             return self._item(it, s, (*path, k))
-        if _isarray(s) or _inactive(s) or P.children(s) is None:
-            self.problems.append(f"{where(path)}: cannot load {describe(s)} into a {type(fr.node).__name__}")
+        if s[0] == LEAF or src is None:
+            self.problems.append(f"{where(path)}: cannot load {_describe(src)} into a {type(fr.node).__name__}")
             return
-        src = _src_children(s) or {}
-        names = [P.keyname(k) for k, _ in visible]
+        theirs = self._named(self.src, s)
+        by_text = {str(n): n for n in theirs}  # int keys that went through text
         used = set()
-        for (k, it), name in zip(visible, names):
-            found, child = _lookup(src, name)
-            if not found:
+        for name, (k, it) in self._named(self.w, d).items():
+            match = name if name in theirs else by_text.get(str(name), _ABSENT)
+            if match is not _ABSENT:
+                used.add(match)
+                self._item(it, theirs[match][1], (*path, k))
+            elif _inactive(getattr(src, str(name), _ABSENT)):  # e.g. use_bias=False in src
+                self._item(it, (EMPTY, jtu.tree_structure(None)), (*path, k))
+            else:
                 self.problems.append(f"{where(path)}: {name!r} is missing in src")
+        for name, (k, it) in theirs.items():
+            if name in used:
                 continue
-            used.add(name if name in src else str(name))
-            self._item(it, child, (*path, k))
-        extra = [n for n in src if n not in used and str(n) not in {str(u) for u in used}]
-        for n in extra:
-            self.problems.append(f"{where(path)}: {n!r} in src has no place in dst")
+            if _inactive(getattr(fr.node, str(name), _ABSENT)):  # e.g. use_bias=False in dst
+                self._empty(None, it, (*path, k))
+            else:
+                self.problems.append(f"{where(path)}: {name!r} in src has no place in dst")
 
-    def _empty(self, d: Any, s: Any, path: tuple[Any, ...]) -> None:
-        if d is None and _isarray(s):  # an inactive parameter (e.g. bias=None)
-            self.zero_checks.append((s, path))
-        elif _src_children(s):
-            self.problems.append(f"{where(path)}: cannot load {describe(s)} into {describe(d)}")
+    def _empty(self, d: Any, s: Item, path: tuple[Any, ...]) -> None:
+        src = self._value(s)
+        if d is None and _nnx.is_variable(src):  # a Variable's state is its value
+            (_, s), = self._named(self.src, s).values()
+            src = self._value(s)
+        if d is None and s[0] == LEAF and _isarray(src):  # an inactive parameter (bias=None)
+            self.zero_checks.append((src, path))
+        elif self._named(self.src, s):
+            self.problems.append(f"{where(path)}: cannot load {_describe(src)} into {describe(d)}")
 
-    def _leaf(self, i: int, d: Any, s: Any, path: tuple[Any, ...]) -> None:
+    def _leaf(self, i: int, d: Any, s: Item, path: tuple[Any, ...]) -> None:
+        src = self._value(s)
         if _isarray(d):
-            if s is True:
+            if src is True:
                 self.problems.append(f"{where(path)}: cannot load True into an array")
-            elif _inactive(s):
+            elif _inactive(src):
                 self._assign(i, None, path)
-            elif not _isarray(s):
-                self.problems.append(f"{where(path)}: cannot load {describe(s)} into {describe(d)}")
-            elif _iskey(s) != _iskey(d) or (_iskey(s) and s.dtype != d.dtype):
-                self.problems.append(f"{where(path)}: cannot load {describe(s)} into {describe(d)}")
-            elif tuple(s.shape) != tuple(d.shape):
+            elif s[0] != LEAF or not _isarray(src):
+                self.problems.append(f"{where(path)}: cannot load {_describe(src)} into {describe(d)}")
+            elif _iskey(src) != _iskey(d) or (_iskey(src) and src.dtype != d.dtype):
+                self.problems.append(f"{where(path)}: cannot load {describe(src)} into {describe(d)}")
+            elif tuple(src.shape) != tuple(d.shape):
                 self.problems.append(
-                    f"{where(path)}: cannot load shape {tuple(s.shape)} into {tuple(d.shape)}"
+                    f"{where(path)}: cannot load shape {tuple(src.shape)} into {tuple(d.shape)}"
                 )
             else:
-                self._assign(i, s, path)
-        elif _isarray(s):
+                self._assign(i, src, path)
+        elif s[0] == LEAF and _isarray(src):
             if d is False:
-                self.zero_checks.append((s, path))
+                self.zero_checks.append((src, path))
             else:
-                self.problems.append(f"{where(path)}: cannot load {describe(s)} into {describe(d)}")
+                self.problems.append(f"{where(path)}: cannot load {describe(src)} into {describe(d)}")
 
     def _assign(self, i: int, s: Any, path: tuple[Any, ...]) -> None:
         if i in self.assigned:
@@ -176,15 +196,25 @@ class _Matcher:
         self.assigned[i] = (s, path)
 
 
-def _hidden_item(k: Any, it: tuple[int, Any]) -> bool:
-    return it[0] == EMPTY and P.hidden(k, it[1].unflatten([]))
+def _hidden(it: Item) -> bool:
+    return it[0] == EMPTY and P.is_hidden(it[1].unflatten([]))
+
+
+def _describe(x: Any) -> str:
+    if _nnx.is_variable(x):
+        return (f"an nnx.{type(x).__name__} wrapper (src holds nnx Variables where dst holds "
+                "arrays: are dst and src swapped? loadmodel(dst, src) loads src into dst)")
+    return describe(x)
 
 
 def _same(a: Any, b: Any) -> bool:
+    """Equal values for one shared node; None (an inactive parameter) is zeros."""
     if a is b:
         return True
-    if a is None or b is None or isinstance(a, jax.ShapeDtypeStruct) or isinstance(b, jax.ShapeDtypeStruct):
-        return (a is None) == (b is None)
+    if a is None or b is None:
+        return not _nonzero(b if a is None else a)
+    if isinstance(a, jax.ShapeDtypeStruct) or isinstance(b, jax.ShapeDtypeStruct):
+        return True
     if isinstance(a, jax.core.Tracer) or isinstance(b, jax.core.Tracer):
         return True  # cannot compare traced values; trust the caller
     return bool(np.array_equal(np.asarray(a), np.asarray(b)))
@@ -207,6 +237,8 @@ def _place(d: Any, s: Any) -> Any:
     if s is None:
         s = np.zeros(d.shape, d.dtype) if not jax.dtypes.issubdtype(d.dtype, jax.dtypes.prng_key) else d
     dtype = d.dtype
+    if isinstance(d, np.generic):
+        return np.asarray(s).astype(dtype)[()]
     if isinstance(d, np.ndarray):
         return np.asarray(s).astype(dtype, copy=False)
     if isinstance(d, jax.core.Tracer) or isinstance(s, jax.core.Tracer):
@@ -222,9 +254,7 @@ def _place(d: Any, s: Any) -> Any:
 
 
 def match(dst: Any, src: Any) -> _Matcher:
-    m = _Matcher(dst)
-    m.run(src)
-    return m
+    return _Matcher(dst, src)
 
 
 def loadmodel(dst: T, src: Any, /) -> T:

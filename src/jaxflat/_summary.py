@@ -7,9 +7,9 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import numpy as np
-from flax import nnx
 
 from . import _predicates as P
+from . import _nnx
 from ._walk import FRAME, LEAF, walk
 
 _ARRAYS: Any = (*P.ARRAY_TYPES, jax.ShapeDtypeStruct)
@@ -86,7 +86,7 @@ def summary(tree: Any, /) -> str:
             return
         fr = w.frames[i]
         c = frame_counts[i]
-        if isinstance(fr.node, nnx.Variable) or not (c[0] or c[2]):
+        if _nnx.is_variable(fr.node) or not (c[0] or c[2]):
             return
         text = "  " * depth + label + type(fr.node).__name__
         lines.append(f"{text:<40} # {_counts(c[:4])}")

@@ -1,5 +1,5 @@
-"""Flatten and rebuild for parameters sharded over one mesh, without
-replicating the model on any device.
+"""Meshes: flatten and rebuild for parameters sharded over one mesh, without
+replicating the model on any device, and where the flat vector goes.
 
 A plain ``jnp.concatenate`` of sharded parameters (or a ``lax.split`` of a
 sharded flat vector) is correct, but XLA's SPMD partitioner lays it out by
@@ -51,6 +51,7 @@ plain formulation is used.
 from __future__ import annotations
 
 import functools
+import itertools
 import math
 from typing import Any
 
@@ -60,9 +61,11 @@ import numpy as np
 from jax import lax
 from jax.extend.core import Primitive
 from jax.interpreters import ad, batching, mlir
-from jax.sharding import AxisType, Mesh, NamedSharding
+from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec
 
-__all__ = ["concat", "split"]
+from ._engine import cast, sizes
+
+__all__ = ["concat", "explicit_mesh", "flat_sharding", "same_mesh", "split"]
 
 # The largest chunk, as a fraction of a device's block of the flat vector
 # (elements), and a floor so tiny models are not cut into tiny pieces.
@@ -247,7 +250,7 @@ def _axes(entry: Any) -> tuple[str, ...] | None:
 
 
 def _dims(sharding: Any, shape: tuple[int, ...], mesh: Any) -> tuple[tuple[str, ...], ...] | None:
-    if not isinstance(sharding, NamedSharding) or not _same_mesh(sharding.mesh, mesh):
+    if not isinstance(sharding, NamedSharding) or not same_mesh(sharding.mesh, mesh):
         return None
     if sharding.memory_kind not in (None, "device"):
         return None
@@ -268,7 +271,7 @@ def _dims(sharding: Any, shape: tuple[int, ...], mesh: Any) -> tuple[tuple[str, 
     return tuple(out)
 
 
-def _same_mesh(a: Any, b: Any) -> bool:
+def same_mesh(a: Any, b: Any) -> bool:
     if a is b:
         return True
     if isinstance(a, Mesh) and isinstance(b, Mesh):
@@ -315,12 +318,6 @@ def _make_plan(shapes: Any, dtypes: Any, shardings: Any, dtype: Any, flat: Any) 
 
 
 # ---------------------------------------------------------- the moves
-
-
-def _cast(x: Any, dtype: Any) -> Any:
-    if jnp.iscomplexobj(x) and not jnp.issubdtype(dtype, jnp.complexfloating):
-        x = jnp.real(x)
-    return x.astype(dtype) if x.dtype != dtype else x
 
 
 def _index(axes: tuple[str, ...]) -> Any:
@@ -424,7 +421,7 @@ def _split_body(plan: _Plan, v: Any) -> list[Any]:
         for i, a, b in ch.items:
             shape, dims, local = plan.shapes[i], plan.dims[i], plan.local[i]
             if not shape:
-                parts[i].append(_cast(lax.slice_in_dim(c, g, g + 1).reshape(()), plan.dtypes[i]))
+                parts[i].append(cast(lax.slice_in_dim(c, g, g + 1).reshape(()), plan.dtypes[i]))
                 g += 1
                 continue
             rows = b - a
@@ -437,7 +434,7 @@ def _split_body(plan: _Plan, v: Any) -> list[Any]:
             start += [_index(ax) * n for ax, n in zip(dims[1:], local[1:])]
             if any(not isinstance(s, int) or s for s in start) or x.shape != (rows, *local[1:]):
                 x = lax.dynamic_slice(x, start, (rows, *local[1:]))
-            parts[i].append(_cast(x, plan.dtypes[i]))
+            parts[i].append(cast(x, plan.dtypes[i]))
         dep = c[0]
     out = []
     for i, ps in enumerate(parts):
@@ -563,12 +560,10 @@ def _plain_concat(params: list[Any], dtype: Any, flat_sharding: Any) -> jax.Arra
 
 
 def _plain_split(v: Any, spec: Any, shardings: Any) -> list[Any]:
-    sizes = [int(np.prod(shape, dtype=np.int64)) for shape, _ in spec]
-
     def cut(v: Any) -> list[Any]:
-        pieces = lax.split(v, sizes, axis=v.ndim - 1)
+        pieces = lax.split(v, sizes(spec), axis=v.ndim - 1)
         lead = v.shape[:-1]
-        return [_cast(p.reshape(*lead, *shape), dt) for p, (shape, dt) in zip(pieces, spec)]
+        return [cast(p.reshape(*lead, *shape), dt) for p, (shape, dt) in zip(pieces, spec)]
 
     if v.ndim != 1 or _manual() or shardings is None or any(
         not isinstance(s, jax.sharding.Sharding) for s in shardings
@@ -580,6 +575,37 @@ def _plain_split(v: Any, spec: Any, shardings: Any) -> list[Any]:
 
 
 # ---------------------------------------------------------------- API
+
+
+def explicit_mesh(params: list[Any]) -> Any:
+    """The mesh of the first parameter whose type carries an explicit sharding."""
+    typed = [getattr(jax.typeof(p), "sharding", None) for p in params]
+    return next((t.mesh for t in typed if _explicit(t)), None)
+
+
+def flat_sharding(params: list[Any]) -> Any:
+    """A 1-D sharding for the flat vector of mesh-sharded ``params``.
+
+    The vector is spread over as many of the mesh's devices as its length
+    allows: the largest product of mesh axes that divides the length (all
+    axes when it divides evenly), replicated over the rest.
+    """
+    mesh = next((p.sharding.mesh for p in params if isinstance(p.sharding, NamedSharding)), None)
+    if mesh is None:
+        return None  # some other multi-device sharding: let XLA choose
+    length = sum(int(np.prod(p.shape, dtype=np.int64)) for p in params)
+    names = [a for a in mesh.axis_names if mesh.shape[a] > 1]
+    best: tuple[str, ...] = ()
+    best_size = 1
+    for r in range(len(names), 0, -1):
+        for axes in itertools.combinations(names, r):
+            size = int(np.prod([mesh.shape[a] for a in axes]))
+            if length % size == 0 and size > best_size:
+                best, best_size = axes, size
+    return NamedSharding(mesh, PartitionSpec(best if best else None))
+
+
+_default_flat_sharding = flat_sharding
 
 
 def _typeof_sharding(x: Any) -> Any:
@@ -635,9 +661,7 @@ def split(v: Any, spec: Any, shardings: Any, flat_sharding: Any = None) -> list[
     typed = _typeof_sharding(v)
     flat_sharding = typed if typed is not None else flat_sharding
     if flat_sharding is None:
-        from ._sharding import flat_sharding as default
-
-        flat_sharding = default(
+        flat_sharding = _default_flat_sharding(
             [jax.ShapeDtypeStruct(shape, dt, sharding=s) for (shape, dt), s in zip(spec, shardings)]
         )
     flat_sharding = _concrete(flat_sharding, shardings[0])
@@ -655,6 +679,6 @@ def _concrete(s: Any, other: Any) -> Any:
     if not isinstance(s, NamedSharding) or isinstance(s.mesh, Mesh):
         return s
     mesh = getattr(other, "mesh", None)
-    if isinstance(mesh, Mesh) and _same_mesh(s.mesh, mesh) and s.mesh.axis_types == mesh.axis_types:
+    if isinstance(mesh, Mesh) and same_mesh(s.mesh, mesh) and s.mesh.axis_types == mesh.axis_types:
         return NamedSharding(mesh, s.spec, memory_kind=s.memory_kind)
     return s
