@@ -40,7 +40,7 @@ def make_params(seed: int = SEED) -> dict:
     """The MLP as numpy arrays (float32), plus a few non-parameter leaves."""
     rng = np.random.default_rng(seed)
     layers = []
-    for fan_in, fan_out in zip(SIZES[:-1], SIZES[1:]):
+    for fan_in, fan_out in zip(SIZES[:-1], SIZES[1:], strict=True):
         w = rng.normal(0.0, 1.0 / np.sqrt(fan_in), (fan_in, fan_out)).astype(np.float32)
         b = rng.normal(0.0, 0.1, (fan_out,)).astype(np.float32)
         layers.append({"w": w, "b": b})
@@ -129,7 +129,7 @@ def main(argv: list[str]) -> int:
     params = {
         "layers": [
             {k: global_array(layer[k], spec[k]) for k in ("w", "b")}
-            for layer, spec in zip(host_params["layers"], specs["layers"])
+            for layer, spec in zip(host_params["layers"], specs["layers"], strict=True)
         ],
         "act": host_params["act"],
         "step": host_params["step"],
@@ -165,7 +165,7 @@ def main(argv: list[str]) -> int:
     loaded_leaves, loaded_def = jtu.tree_flatten_with_path(loaded)
     checks: dict = {"same_treedef": new_def == loaded_def, "leaves": []}
     gathered = {}
-    for (path, a), (path_b, b) in zip(new_leaves, loaded_leaves):
+    for (path, a), (path_b, b) in zip(new_leaves, loaded_leaves, strict=True):
         name = jtu.keystr(path)
         entry: dict = {"path": name, "path_loaded": jtu.keystr(path_b)}
         if isinstance(a, jax.Array):
@@ -176,7 +176,7 @@ def main(argv: list[str]) -> int:
             entry["dtype"] = [str(a.dtype), str(getattr(b, "dtype", None))]
             entry["local_bitwise_equal"] = all(
                 np.array_equal(np.asarray(sa.data), np.asarray(sb.data)) and sa.index == sb.index
-                for sa, sb in zip(a.addressable_shards, b.addressable_shards)
+                for sa, sb in zip(a.addressable_shards, b.addressable_shards, strict=True)
             )
             entry["sharding_new"] = _sharding_info(a)
             gathered["new" + name] = a
@@ -187,7 +187,7 @@ def main(argv: list[str]) -> int:
     orig_shardings = [p.sharding for p in jtu.tree_leaves(params) if isinstance(p, jax.Array)]
     new_shardings = [p.sharding for p in jtu.tree_leaves(new) if isinstance(p, jax.Array)]
     checks["rebuilt_keeps_shardings"] = len(orig_shardings) == len(new_shardings) and all(
-        a == b for a, b in zip(orig_shardings, new_shardings)
+        a == b for a, b in zip(orig_shardings, new_shardings, strict=True)
     )
 
     # The loaded model flattens back to exactly the updated vector.

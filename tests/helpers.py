@@ -274,7 +274,7 @@ def assert_tree_equal(expected: Any, got: Any) -> None:
     pe, te = jtu.tree_flatten_with_path(expected)
     pg, tg = jtu.tree_flatten_with_path(got)
     assert te == tg, f"structure differs:\n{te}\n{tg}"
-    for (path, e), (_, g) in zip(pe, pg):
+    for (path, e), (_, g) in zip(pe, pg, strict=True):
         assert_leaf_equal(e, g, jtu.keystr(path))
 
 
@@ -299,17 +299,17 @@ def apply(mode: Callable[[Any], Any], f: Callable[..., Any], *trees: Any) -> Any
 
     def traced(arrays: list[jax.Array]) -> list[jax.Array]:
         it = iter(arrays)
-        args = treedef.unflatten([next(it) if d else x for x, d in zip(leaves, dynamic)])
+        args = treedef.unflatten([next(it) if d else x for x, d in zip(leaves, dynamic, strict=True)])
         out = f(*args)
         oleaves, otreedef = jtu.tree_flatten(out)
         odyn = [isinstance(x, jax.Array) for x in oleaves]
-        static_out.append((otreedef, odyn, [None if d else x for x, d in zip(oleaves, odyn)]))
-        return [x for x, d in zip(oleaves, odyn) if d]
+        static_out.append((otreedef, odyn, [None if d else x for x, d in zip(oleaves, odyn, strict=True)]))
+        return [x for x, d in zip(oleaves, odyn, strict=True) if d]
 
-    arrays_out = mode(traced)([x for x, d in zip(leaves, dynamic) if d])
+    arrays_out = mode(traced)([x for x, d in zip(leaves, dynamic, strict=True) if d])
     otreedef, odyn, consts = static_out[-1]
     it = iter(arrays_out)
-    return otreedef.unflatten([next(it) if d else c for c, d in zip(consts, odyn)])
+    return otreedef.unflatten([next(it) if d else c for c, d in zip(consts, odyn, strict=True)])
 
 
 class Net(nnx.Module):

@@ -45,7 +45,7 @@ def assert_exact(a, b, path="<root>"):
             assert_exact(a[k], b[k], f"{path}[{k!r}]")
     elif isinstance(a, list | tuple):
         assert len(a) == len(b), path
-        for i, (x, y) in enumerate(zip(a, b)):
+        for i, (x, y) in enumerate(zip(a, b, strict=True)):
             assert_exact(x, y, f"{path}[{i}]")
     elif isinstance(a, jax.Array | np.ndarray):
         assert a.shape == b.shape and a.dtype == b.dtype, path
@@ -100,7 +100,7 @@ def test_round_trip_equinox_module(tmp_path):
     out = jaxflat.load(tmp_path / "ckpt", like=eqx.nn.MLP(2, 1, 3, 1, key=jax.random.key(1)))
     assert type(out) is eqx.nn.MLP
     assert out.activation is m.activation
-    for a, b in zip(jax.tree.leaves(out), jax.tree.leaves(m)):
+    for a, b in zip(jax.tree.leaves(out), jax.tree.leaves(m), strict=True):
         np.testing.assert_array_equal(a, b)
 
 
@@ -111,7 +111,7 @@ def test_round_trip_optax_state(tmp_path):
     jaxflat.save(tmp_path / "ckpt", opt)
     out = jaxflat.load(tmp_path / "ckpt", like=tx.init(params))
     assert jax.tree.structure(out) == jax.tree.structure(opt)
-    for a, b in zip(jax.tree.leaves(out), jax.tree.leaves(opt)):
+    for a, b in zip(jax.tree.leaves(out), jax.tree.leaves(opt), strict=True):
         np.testing.assert_array_equal(a, b)
 
 

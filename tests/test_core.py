@@ -15,11 +15,11 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from flax import nnx
+from helpers import assert_tree_equal
 
 import jaxflat
 from jaxflat import _destructure, _walk
 from jaxflat._errors import LoadError
-from helpers import assert_tree_equal
 
 esc = re.escape
 

@@ -107,7 +107,7 @@ def check(path, saves):
     }
     assert all(v == [tag] for v in seen.values()), f"a mix of states (tag {tag}): {seen}"
     assert got["name"] == f"state-{tag}"
-    for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(want)):
+    for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(want), strict=True):
         assert getattr(a, "dtype", None) == getattr(b, "dtype", None)
     return tag
 

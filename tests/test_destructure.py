@@ -229,7 +229,7 @@ def test_nontrainable_arrays_come_back_as_they_were():
     out = re(jnp.zeros_like(flat))
     before, after = nonparam_arrays(m), nonparam_arrays(out)
     assert len(before) == 4  # BatchNorm mean and var, the Dropout key and count
-    assert all(a is b for a, b in zip(before, after))
+    assert all(a is b for a, b in zip(before, after, strict=True))
 
 
 def test_rebuild_does_not_mutate_the_template():
@@ -238,7 +238,7 @@ def test_rebuild_does_not_mutate_the_template():
     before = [np.asarray(x) for x in jtu.tree_leaves(m)]
     out = re(jnp.zeros_like(flat))
     assert out is not m and out.layers[0] is not m.layers[0]
-    for a, b in zip(before, jtu.tree_leaves(m)):
+    for a, b in zip(before, jtu.tree_leaves(m), strict=True):
         np.testing.assert_array_equal(a, b)
 
 
@@ -444,7 +444,7 @@ def test_re_under_vmap_gives_a_batch_of_models():
     assert batch.layers[0].kernel.shape == (3, 2, 1)
     for i in range(3):
         one = re(vs[i])
-        for b, o in zip(jtu.tree_leaves(batch), jtu.tree_leaves(one)):
+        for b, o in zip(jtu.tree_leaves(batch), jtu.tree_leaves(one), strict=True):
             np.testing.assert_array_equal(b[i], o)
     ys = jax.vmap(lambda v: re(v)(X))(vs)
     np.testing.assert_allclose(ys[1], re(vs[1])(X), rtol=1e-6)
@@ -748,7 +748,7 @@ def test_corpus_shapes_and_dtypes_kept(name, mode):
     pe, te = jtu.tree_flatten(tree)
     po, to = jtu.tree_flatten(out)
     assert te == to
-    for e, o in zip(pe, po):
+    for e, o in zip(pe, po, strict=True):
         if isinstance(e, (jax.Array, np.ndarray)):
             assert (o.shape, canonical(o.dtype)) == (e.shape, canonical(e.dtype))
         else:
@@ -762,7 +762,7 @@ def test_corpus_layout_names_each_parameter(name):
     expected = expected_params(tree)
     assert [e.path for e in re.layout] == [p for p, _ in expected]
     stop, flat_np = 0, np.asarray(flat)
-    for e, (_, x) in zip(re.layout, expected):
+    for e, (_, x) in zip(re.layout, expected, strict=True):
         assert e.start == stop and e.stop - e.start == x.size
         assert (e.shape, e.dtype) == (x.shape, x.dtype)
         np.testing.assert_array_equal(
@@ -864,7 +864,7 @@ def test_hypothesis_round_trip(tree):
     np.testing.assert_array_equal(
         np.asarray(destructure(out)[0], np.float32), np.asarray(v, np.float32)
     )
-    for x, y in zip(jtu.tree_leaves(tree), jtu.tree_leaves(out)):
+    for x, y in zip(jtu.tree_leaves(tree), jtu.tree_leaves(out), strict=True):
         assert (x.shape, x.dtype) == (y.shape, y.dtype)
         if not jnp.issubdtype(x.dtype, jnp.floating):
             assert y is x

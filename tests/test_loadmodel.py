@@ -34,7 +34,7 @@ def values(tree):
 
 def assert_same_values(a, b):
     assert jax.tree.structure(a) == jax.tree.structure(b)
-    for x, y in zip(values(a), values(b)):
+    for x, y in zip(values(a), values(b), strict=True):
         if isinstance(x, np.ndarray):
             assert x.dtype == y.dtype
             np.testing.assert_array_equal(x, y)
@@ -93,7 +93,7 @@ def test_loadmodel_returns_new_tree_and_leaves_dst_alone():
     before = values(nnx.state(dst))
     out = jaxflat.loadmodel(dst, jaxflat.state(src))
     assert out is not dst
-    for x, y in zip(before, values(nnx.state(dst))):
+    for x, y in zip(before, values(nnx.state(dst)), strict=True):
         np.testing.assert_array_equal(x, y)
 
 
@@ -369,5 +369,5 @@ def test_loadmodel_failed_load_leaves_dst_unchanged():
     with pytest.raises(LoadError, match=esc("['lin']['bias']") + "|" + esc(".lin.bias")):
         jaxflat.loadmodel(dst, src)
     after = values(nnx.state(dst))
-    for x, y in zip(before, after):
+    for x, y in zip(before, after, strict=True):
         np.testing.assert_array_equal(x, y)

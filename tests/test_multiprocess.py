@@ -91,7 +91,7 @@ def _run_workers(outdir):
     if failure or any(codes):
         report = "\n".join(
             f"---- worker {i} (exit {c}) ----\n{_log_tail(log)}"
-            for i, (c, log) in enumerate(zip(codes, logs))
+            for i, (c, log) in enumerate(zip(codes, logs, strict=True))
         )
         pytest.fail(f"{failure or 'a worker failed'}; exit codes {codes}\n{report}")
 
@@ -109,7 +109,7 @@ def _reference():
     new = {
         "layers": [
             {k: np.asarray(p[k] - worker.LR * gp[k]) for k in ("w", "b")}
-            for p, gp in zip(params["layers"], grads["layers"])
+            for p, gp in zip(params["layers"], grads["layers"], strict=True)
         ]
     }
     loss1 = worker.loss_fn(jtu.tree_map(jnp.asarray, new), x, y)

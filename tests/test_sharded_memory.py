@@ -68,7 +68,7 @@ def _plain_concat(params, dtype, fs):
 def _plain_split(v, spec):
     sizes = [int(np.prod(s)) for s, _ in spec]
     out = []
-    for p, (shape, dt) in zip(lax.split(v, sizes), spec):
+    for p, (shape, dt) in zip(lax.split(v, sizes), spec, strict=True):
         p = p.reshape(shape)
         if jnp.iscomplexobj(p) and not jnp.issubdtype(dt, jnp.complexfloating):
             p = jnp.real(p)
@@ -82,9 +82,9 @@ def small_chunks(monkeypatch):
     paths (row bands, psum_scatter, groups) on small arrays."""
     monkeypatch.setattr(_sharded, "CHUNK_FLOOR", 8)
     monkeypatch.setattr(_sharded, "CHUNK_FRACTION", 1 << 20)
-    _sharded._plan.cache_clear()
+    _sharded._moves.cache_clear()
     yield
-    _sharded._plan.cache_clear()
+    _sharded._moves.cache_clear()
 
 
 # ------------------------------------------------------------------ layouts
@@ -135,7 +135,7 @@ def _check_layout(name, kind):
     mesh, params, fs, dtype = _layout(name, kind)
     shs = [p.sharding for p in params]
     spec = tuple((p.shape, p.dtype) for p in params)
-    plan = _sharded._make_plan([p.shape for p in params], [p.dtype for p in params], shs,
+    plan = _sharded._make_moves([p.shape for p in params], [p.dtype for p in params], shs,
                                dtype, fs)
     assert plan is not None  # the scheme applies: this is no fallback test
 
@@ -145,7 +145,7 @@ def _check_layout(name, kind):
     assert flat.sharding.is_equivalent_to(fs, 1)
 
     back = jax.jit(lambda v: _sharded.split(v, spec, shs, flat_sharding=fs))(flat)
-    for b, p, s in zip(back, params, shs):
+    for b, p, s in zip(back, params, shs, strict=True):
         assert _same_bits(b, p)
         assert b.sharding.is_equivalent_to(s, p.ndim) or p.size == 0  # XLA: empty = replicated
     return plan
@@ -185,7 +185,7 @@ def test_explicit_axes(name):
         assert flat.sharding.is_equivalent_to(fs, 1)
         assert jax.typeof(jax.jit(lambda ps: _sharded.concat(ps, dtype, fs))(params)).sharding.spec == fs.spec
         back = jax.jit(lambda v: _sharded.split(v, spec, shs))(flat)
-    for b, p in zip(back, params):
+    for b, p in zip(back, params, strict=True):
         assert _same_bits(b, p)
         assert b.sharding.is_equivalent_to(p.sharding, p.ndim)
 
@@ -196,7 +196,7 @@ def test_eager_call():
     assert _same_bits(flat, jnp.concatenate([p.ravel() for p in params]))
     spec = tuple((p.shape, p.dtype) for p in params)
     back = _sharded.split(flat, spec, [p.sharding for p in params])
-    assert all(_same_bits(b, p) for b, p in zip(back, params))
+    assert all(_same_bits(b, p) for b, p in zip(back, params, strict=True))
 
 
 # ---------------------------------------------------------------- fallbacks
@@ -212,19 +212,19 @@ def test_fallbacks_stay_exact():
     assert _same_bits(flat, ref) and flat.sharding.is_equivalent_to(fs, 1)
     # flat length not divided by its axes; uneven leaf; foreign mesh; non-named
     odd = NamedSharding(mesh, P("fsdp"))
-    assert _sharded._make_plan([(5,)], [np.float32], [NamedSharding(mesh, P())], np.float32,
+    assert _sharded._make_moves([(5,)], [np.float32], [NamedSharding(mesh, P())], np.float32,
                                odd) is None
-    assert _sharded._make_plan([(12,), (4,)], [np.float32] * 2,
+    assert _sharded._make_moves([(12,), (4,)], [np.float32] * 2,
                                [NamedSharding(mesh, P("fsdp")), NamedSharding(mesh, P())],
                                np.float32, odd) is None
     other = _mesh((2, 4), ("x", "y"))
-    assert _sharded._make_plan([(8,)], [np.float32], [NamedSharding(other, P("x"))],
+    assert _sharded._make_moves([(8,)], [np.float32], [NamedSharding(other, P("x"))],
                                np.float32, odd) is None
     single = jax.sharding.SingleDeviceSharding(jax.devices()[0])
-    assert _sharded._make_plan([(8,)], [np.float32], [single], np.float32, odd) is None
+    assert _sharded._make_moves([(8,)], [np.float32], [single], np.float32, odd) is None
     # plain split under jit for a vector whose length does not fit the plan
     back = jax.jit(lambda v: _sharded.split(v, spec, shs))(ref)
-    assert all(_same_bits(b, p) for b, p in zip(back, params))
+    assert all(_same_bits(b, p) for b, p in zip(back, params, strict=True))
 
 
 def test_inside_shard_map_falls_back():
@@ -248,7 +248,7 @@ def _ad_setup():
     mesh = _mesh(*MESH_1D)
     params = [_put(mesh, (8, 4), P("fsdp", None), seed=1), _put(mesh, (8,), P("fsdp"), seed=2)]
     params = [jnp.where(jnp.isfinite(p), p, 0.5) for p in params]  # finite for derivatives
-    params = [jax.device_put(p, s) for p, s in zip(params, [q.sharding for q in params])]
+    params = [jax.device_put(p, s) for p, s in zip(params, [q.sharding for q in params], strict=True)]
     shs = [p.sharding for p in params]
     spec = tuple((p.shape, p.dtype) for p in params)
     fs = NamedSharding(mesh, P("fsdp"))
@@ -272,7 +272,7 @@ def test_grad_jvp_hessian_match_plain():
     assert g1.sharding.is_equivalent_to(fs, 1)
     t = jnp.arange(flat.size, dtype=flat.dtype) / 7
     assert all(_same_bits(a, b) for a, b in zip(jax.jvp(ours, (flat,), (t,)),
-                                                 jax.jvp(plain, (flat,), (t,))))
+                                                 jax.jvp(plain, (flat,), (t,)), strict=True))
     h1, h2 = jax.jit(jax.hessian(ours))(flat), jax.jit(jax.hessian(plain))(flat)
     np.testing.assert_allclose(h1, h2, rtol=1e-6, atol=1e-6)
     fwd = jax.jit(jax.jacfwd(jax.jacfwd(ours)))(flat)
@@ -288,7 +288,7 @@ def test_grad_through_concat_is_split():
 
     g1 = jax.jit(jax.grad(loss(lambda ps: _sharded.concat(ps, jnp.float32, fs, shardings=shs))))
     g2 = jax.jit(jax.grad(loss(lambda ps: jnp.concatenate([p.ravel() for p in ps]))))
-    for a, b, s in zip(g1(params), g2(params), shs):
+    for a, b, s in zip(g1(params), g2(params), shs, strict=True):
         assert _same_bits(a, b)
         assert a.sharding.is_equivalent_to(s, a.ndim)
 
@@ -297,7 +297,7 @@ def test_vmap():
     params, shs, spec, fs, flat, ours, plain = _ad_setup()
     batch = jnp.stack([flat, -flat, 2 * flat])
     split = jax.vmap(lambda v: _sharded.split(v, spec, shs, flat_sharding=fs))
-    for a, b in zip(jax.jit(split)(batch), jax.vmap(lambda v: _plain_split(v, spec))(batch)):
+    for a, b in zip(jax.jit(split)(batch), jax.vmap(lambda v: _plain_split(v, spec))(batch), strict=True):
         assert _same_bits(a, b)
     cat = jax.vmap(lambda *ps: _sharded.concat(list(ps), jnp.float32, fs, shardings=shs),
                    in_axes=(0, None))

@@ -221,4 +221,4 @@ def test_state_does_not_change_the_model():
     before = jax.tree.leaves(nnx.state(m))
     jaxflat.state(m)
     after = jax.tree.leaves(nnx.state(m))
-    assert all(a is b for a, b in zip(before, after))
+    assert all(a is b for a, b in zip(before, after, strict=True))

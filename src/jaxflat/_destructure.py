@@ -206,7 +206,7 @@ class Restructure(Generic[T]):
         if not plan.spec:
             pieces: list[Any] = []
         elif isinstance(v, jax.core.Tracer):
-            pieces = _engine.split(plan.engine, v)
+            pieces = _engine.split_differentiable(plan.engine, v)
         else:
             pieces = plan.engine.split(v)
         arrays, consts = iter(self._arrays), iter(self._consts)

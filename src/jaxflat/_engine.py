@@ -125,7 +125,7 @@ def _device(arrays: Sequence[Any]) -> Any:
         devices = x.sharding.device_set
         if len(devices) != 1:
             return None
-        d = next(iter(devices))
+        d: Any = next(iter(devices))
         if d.platform != "cpu" or (device is not None and d != device):
             return None
         device = d
@@ -294,14 +294,14 @@ def _concat_varargs(*params: Any, dtype: Any) -> jax.Array:
 
 
 @functools.partial(jax.custom_jvp, nondiff_argnums=(0,))
-def split(engine: Engine, v: jax.Array) -> list[Any]:
+def split_differentiable(engine: Engine, v: jax.Array) -> list[Any]:
     """``v`` cut into the parameters. A custom JVP keeps eager ``jax.grad``
     on the fast concrete path while the tangent is a plain ``lax.split``,
     which transposes to one concatenate."""
     return engine.split(v)
 
 
-@split.defjvp
+@split_differentiable.defjvp
 def _split_jvp(engine: Engine, primals: Any, tangents: Any) -> Any:
     (v,), (t,) = primals, tangents
-    return split(engine, v), engine._split_traced(t)
+    return split_differentiable(engine, v), engine._split_traced(t)

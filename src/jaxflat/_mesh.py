@@ -136,9 +136,10 @@ def _merge(ranges: list[tuple[int, int, int]]) -> list[tuple[int, int, int]]:
     return out
 
 
-class _Plan:
-    """Everything static about one sharded flatten/rebuild. Interned (see
-    ``_plan``), so identity is equality: it is a primitive parameter."""
+class _Moves:
+    """Everything static about one sharded flatten or rebuild: the chunks
+    (parameters, or bands of rows of one) moved one at a time. Interned (see
+    ``_moves``), so identity is equality: it is a primitive parameter."""
 
     def __init__(self, mesh: Any, shapes: tuple[tuple[int, ...], ...], dtypes: tuple[Any, ...],
                  dims: tuple[tuple[tuple[str, ...], ...], ...], dtype: Any,
@@ -149,16 +150,16 @@ class _Plan:
         self.dims = dims  # per leaf, per dimension: the mesh axes splitting it
         self.dtype = dtype
         self.flat_axes = flat_axes
-        size = dict(zip(mesh.axis_names, mesh.axis_sizes))
+        size = dict(zip(mesh.axis_names, mesh.axis_sizes, strict=True))
         self.axis_size = size
-        self.k = int(np.prod([size[a] for a in flat_axes], dtype=np.int64))
+        self.flat_devices = int(np.prod([size[a] for a in flat_axes], dtype=np.int64))
         self.sizes = [int(np.prod(s, dtype=np.int64)) for s in shapes]
-        self.n = sum(self.sizes)
-        self.block = self.n // self.k
+        self.length = sum(self.sizes)
+        self.block = self.length // self.flat_devices
         self.starts = np.cumsum([0, *self.sizes])[:-1].tolist()
         self.parts = [tuple(int(np.prod([size[a] for a in ax], dtype=np.int64)) for ax in d)
                       for d in dims]
-        self.local = [tuple(s // m for s, m in zip(sh, pt)) for sh, pt in zip(shapes, self.parts)]
+        self.local = [tuple(s // m for s, m in zip(sh, pt, strict=True)) for sh, pt in zip(shapes, self.parts, strict=True)]
         self.flat_spec = specs[-1]  # as given: explicit types compare specs as written
         self.leaf_specs = specs[:-1]
         self.budget = budget
@@ -169,7 +170,7 @@ class _Plan:
         """For the rebuild of leaf ``i``: (psum_scatter axes, all_gather
         axes), when the axes splitting its rows are all flat axes."""
         t0 = self.dims[i][0] if self.shapes[i] else ()
-        if self.k == 1 or not t0 or not set(t0) <= set(self.flat_axes):
+        if self.flat_devices == 1 or not t0 or not set(t0) <= set(self.flat_axes):
             return None
         rest = tuple(a for a in self.flat_axes if a not in t0)
         return rest + t0, rest
@@ -206,7 +207,7 @@ class _Plan:
             m0 = self.parts[i][0]
             rs = size // shape[0]  # elements per (global) row
             scatter = self._scatter(i) if rebuild else None
-            mr = self.k // m0 if scatter else 1  # flat devices per row block
+            mr = self.flat_devices // m0 if scatter else 1  # flat devices per row block
             step = mr // math.gcd(rs, mr)  # rows per band: a multiple of this
             r = max(step, (budget if scatter or not rebuild else cap) // (m0 * rs) // step * step)
             r2 = max(1, min(rows, cap // (m0 * rs)))  # for bands that cannot scatter
@@ -229,13 +230,16 @@ class _Plan:
 
 
 @functools.lru_cache(maxsize=128)
-def _plan(mesh: Any, shapes: Any, dtypes: Any, dims: Any, dtype: Any, flat_axes: Any,
-          specs: Any) -> _Plan:
+def _moves(mesh: Any, shapes: Any, dtypes: Any, dims: Any, dtype: Any, flat_axes: Any,
+          specs: Any) -> _Moves:
+    """The interned _Moves for these arguments. Cache validity: _Moves is a
+    pure function of its (hashable, immutable) arguments, so a cached one
+    equals a fresh one; and interning makes it usable as a primitive param."""
     n = sum(int(np.prod(s, dtype=np.int64)) for s in shapes)
-    size = dict(zip(mesh.axis_names, mesh.axis_sizes))
+    size = dict(zip(mesh.axis_names, mesh.axis_sizes, strict=True))
     k = int(np.prod([size[a] for a in flat_axes], dtype=np.int64))
     budget = max((n // k) // CHUNK_FRACTION, CHUNK_FLOOR)
-    return _Plan(mesh, shapes, dtypes, dims, dtype, flat_axes, specs, budget)
+    return _Moves(mesh, shapes, dtypes, dims, dtype, flat_axes, specs, budget)
 
 
 def _axes(entry: Any) -> tuple[str, ...] | None:
@@ -259,7 +263,7 @@ def _dims(sharding: Any, shape: tuple[int, ...], mesh: Any) -> tuple[tuple[str, 
         return None
     if len(spec) > len(shape):
         return None
-    size = dict(zip(mesh.axis_names, mesh.axis_sizes))
+    size = dict(zip(mesh.axis_names, mesh.axis_sizes, strict=True))
     out = []
     for d, n in enumerate(shape):
         ax = _axes(spec[d]) if d < len(spec) else ()
@@ -291,7 +295,7 @@ def _mesh_ok(mesh: Any) -> bool:
     return not any(t == AxisType.Manual for t in getattr(mesh, "axis_types", ()))
 
 
-def _make_plan(shapes: Any, dtypes: Any, shardings: Any, dtype: Any, flat: Any) -> _Plan | None:
+def _make_moves(shapes: Any, dtypes: Any, shardings: Any, dtype: Any, flat: Any) -> _Moves | None:
     if not isinstance(flat, NamedSharding) or not _mesh_ok(flat.mesh) or not shapes:
         return None
     mesh = flat.mesh
@@ -303,7 +307,7 @@ def _make_plan(shapes: Any, dtypes: Any, shardings: Any, dtype: Any, flat: Any) 
     if shardings is None or len(shardings) != len(shapes):
         return None
     dims = []
-    for s, shape in zip(shardings, shapes):
+    for s, shape in zip(shardings, shapes, strict=True):
         d = _dims(s, shape, mesh)
         if d is None:
             return None
@@ -313,7 +317,7 @@ def _make_plan(shapes: Any, dtypes: Any, shardings: Any, dtype: Any, flat: Any) 
     if n == 0 or n % k:
         return None
     specs = (*(s.spec for s in shardings), flat.spec)
-    return _plan(mesh, tuple(shapes), tuple(np.dtype(d) for d in dtypes), tuple(dims),
+    return _moves(mesh, tuple(shapes), tuple(np.dtype(d) for d in dtypes), tuple(dims),
                  np.dtype(dtype), tuple(fax), specs)
 
 
@@ -324,7 +328,7 @@ def _index(axes: tuple[str, ...]) -> Any:
     return lax.axis_index(axes if len(axes) > 1 else axes[0]) if axes else 0
 
 
-def _never(plan: _Plan) -> Any:
+def _never(plan: _Moves) -> Any:
     """A run-time false the compiler cannot fold: orders the chunks."""
     names = tuple(plan.mesh.axis_names)
     if plan.mesh.size == 1:
@@ -340,7 +344,7 @@ def _tie(x: Any, never: Any, dep: Any) -> Any:
     return lax.select(jnp.broadcast_to(never, x.shape), jnp.broadcast_to(dep, x.shape), x)
 
 
-def _concat_body(plan: _Plan, *params: Any) -> Any:
+def _concat_body(plan: _Moves, *params: Any) -> Any:
     never = _never(plan)
     j = _index(plan.flat_axes)
     buf = jnp.zeros((plan.block,), plan.dtype)
@@ -362,7 +366,7 @@ def _concat_body(plan: _Plan, *params: Any) -> Any:
         g = pieces[0] if len(pieces) == 1 else jnp.concatenate(pieces)
         for jb, o, s, n in ch.segs:
             upd = lax.slice_in_dim(g, s, s + n)
-            if plan.k > 1:
+            if plan.flat_devices > 1:
                 upd = lax.select(jnp.broadcast_to(j == jb, (n,)), upd, lax.slice_in_dim(buf, o, o + n))
             buf = lax.dynamic_update_slice(buf, upd, (o,))
         dep = buf[ch.segs[-1][1]]
@@ -392,7 +396,7 @@ def _unbits(planes: list[Any], dtype: Any) -> Any:
     return lax.complex(*vals) if len(vals) == 2 else vals[0]
 
 
-def _split_body(plan: _Plan, v: Any) -> list[Any]:
+def _split_body(plan: _Moves, v: Any) -> list[Any]:
     never = _never(plan)
     j = _index(plan.flat_axes)
     parts: list[list[Any]] = [[] for _ in plan.shapes]
@@ -401,12 +405,12 @@ def _split_body(plan: _Plan, v: Any) -> list[Any]:
         cut = []
         for jb, o, n in ch.cut:
             x = lax.slice_in_dim(v, o, o + n)
-            if plan.k > 1:
+            if plan.flat_devices > 1:
                 x = lax.select(jnp.broadcast_to(j == jb, (n,)), x, jnp.zeros_like(x))
             cut.append(x)
         c = cut[0] if len(cut) == 1 else jnp.concatenate(cut)
         c = _tie(c, never, dep)
-        if plan.k > 1:
+        if plan.flat_devices > 1:
             planes, dt = _bits(c)
             if ch.scatter:
                 over, back = ch.scatter
@@ -431,7 +435,7 @@ def _split_body(plan: _Plan, v: Any) -> list[Any]:
             x = lax.slice_in_dim(c, g, g + size).reshape(full)
             g += size
             start = [(0 if ch.scatter else _index(dims[0])) * rows]
-            start += [_index(ax) * n for ax, n in zip(dims[1:], local[1:])]
+            start += [_index(ax) * n for ax, n in zip(dims[1:], local[1:], strict=True)]
             if any(not isinstance(s, int) or s for s in start) or x.shape != (rows, *local[1:]):
                 x = lax.dynamic_slice(x, start, (rows, *local[1:]))
             parts[i].append(cast(x, plan.dtypes[i]))
@@ -449,7 +453,7 @@ def _name(axes: tuple[str, ...]) -> Any:
     return axes if len(axes) > 1 else axes[0]
 
 
-def _shard_mapped(plan: _Plan, forward: bool) -> Any:
+def _shard_mapped(plan: _Moves, forward: bool) -> Any:
     if forward:
         return jax.shard_map(functools.partial(_concat_body, plan), mesh=plan.mesh,
                              in_specs=plan.leaf_specs, out_specs=plan.flat_spec,
@@ -459,7 +463,7 @@ def _shard_mapped(plan: _Plan, forward: bool) -> Any:
                          check_vma=False)
 
 
-def _raw(*args: Any, plan: _Plan, forward: bool, batch: int) -> list[Any]:
+def _raw(*args: Any, plan: _Moves, forward: bool, batch: int) -> list[Any]:
     """The move itself, on ``batch`` leading (unsharded) batch axes."""
     fn = _shard_mapped(plan, forward)
     if forward:
@@ -480,16 +484,16 @@ _p.multiple_results = True
 
 
 @functools.lru_cache(maxsize=256)
-def _jitted(plan: _Plan, forward: bool, batch: int) -> Any:
+def _jitted(plan: _Moves, forward: bool, batch: int) -> Any:
     return jax.jit(functools.partial(_raw, plan=plan, forward=forward, batch=batch))
 
 
-def _impl(*args: Any, plan: _Plan, forward: bool, batch: int) -> Any:
+def _impl(*args: Any, plan: _Moves, forward: bool, batch: int) -> Any:
     return _jitted(plan, forward, batch)(*args)
 
 
 @functools.lru_cache(maxsize=256)
-def _out_avals(plan: _Plan, forward: bool, batch: int, avals: tuple[Any, ...]) -> Any:
+def _out_avals(plan: _Moves, forward: bool, batch: int, avals: tuple[Any, ...]) -> Any:
     args = [jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=_typed_sharding(a)) for a in avals]
     fn = functools.partial(_raw, plan=plan, forward=forward, batch=batch)
     return tuple(jax.make_jaxpr(fn)(*args).out_avals)
@@ -504,7 +508,7 @@ def _typed_sharding(aval: Any) -> Any:
     return None
 
 
-def _abstract(*avals: Any, plan: _Plan, forward: bool, batch: int) -> Any:
+def _abstract(*avals: Any, plan: _Moves, forward: bool, batch: int) -> Any:
     return list(_out_avals(plan, forward, batch, tuple(avals)))
 
 
@@ -513,22 +517,22 @@ _p.def_abstract_eval(_abstract)
 mlir.register_lowering(_p, mlir.lower_fun(_raw, multiple_results=True))
 
 
-def _jvp(primals: Any, tangents: Any, *, plan: _Plan, forward: bool, batch: int) -> Any:
+def _jvp(primals: Any, tangents: Any, *, plan: _Moves, forward: bool, batch: int) -> Any:
     out = _p.bind(*primals, plan=plan, forward=forward, batch=batch)
     ts = [ad.instantiate_zeros(t) for t in tangents]
     return out, _p.bind(*ts, plan=plan, forward=forward, batch=batch)
 
 
-def _transpose(cts: Any, *args: Any, plan: _Plan, forward: bool, batch: int) -> Any:
+def _transpose(cts: Any, *args: Any, plan: _Moves, forward: bool, batch: int) -> Any:
     cts = [ad.instantiate_zeros(c) for c in cts]
     return _p.bind(*cts, plan=plan, forward=not forward, batch=batch)
 
 
-def _batch(args: Any, dims: Any, *, plan: _Plan, forward: bool, batch: int) -> Any:
-    size = next(x.shape[d] for x, d in zip(args, dims) if d is not None)
+def _batch(args: Any, dims: Any, *, plan: _Moves, forward: bool, batch: int) -> Any:
+    size = next(x.shape[d] for x, d in zip(args, dims, strict=True) if d is not None)
     moved = [
         jnp.moveaxis(x, d, 0) if d is not None else jnp.broadcast_to(x, (size, *x.shape))
-        for x, d in zip(args, dims)
+        for x, d in zip(args, dims, strict=True)
     ]
     out = _p.bind(*moved, plan=plan, forward=forward, batch=batch + 1)
     return out, [0] * len(out)
@@ -563,7 +567,7 @@ def _plain_split(v: Any, spec: Any, shardings: Any) -> list[Any]:
     def cut(v: Any) -> list[Any]:
         pieces = lax.split(v, sizes(spec), axis=v.ndim - 1)
         lead = v.shape[:-1]
-        return [cast(p.reshape(*lead, *shape), dt) for p, (shape, dt) in zip(pieces, spec)]
+        return [cast(p.reshape(*lead, *shape), dt) for p, (shape, dt) in zip(pieces, spec, strict=True)]
 
     if v.ndim != 1 or _manual() or shardings is None or any(
         not isinstance(s, jax.sharding.Sharding) for s in shardings
@@ -571,7 +575,7 @@ def _plain_split(v: Any, spec: Any, shardings: Any) -> list[Any]:
         return cut(v)  # batched rows: the layout is left to XLA
     if _explicit(shardings[0]):
         return jax.sharding.auto_axes(cut, out_sharding=list(shardings))(v)  # type: ignore[no-any-return]
-    return [lax.with_sharding_constraint(p, s) for p, s in zip(cut(v), shardings)]
+    return [lax.with_sharding_constraint(p, s) for p, s in zip(cut(v), shardings, strict=True)]
 
 
 # ---------------------------------------------------------------- API
@@ -580,7 +584,7 @@ def _plain_split(v: Any, spec: Any, shardings: Any) -> list[Any]:
 def explicit_mesh(params: list[Any]) -> Any:
     """The mesh of the first parameter whose type carries an explicit sharding."""
     typed = [getattr(jax.typeof(p), "sharding", None) for p in params]
-    return next((t.mesh for t in typed if _explicit(t)), None)
+    return next((t.mesh for t in typed if t is not None and _explicit(t)), None)
 
 
 def flat_sharding(params: list[Any]) -> Any:
@@ -634,8 +638,8 @@ def concat(params: list[Any], dtype: Any, flat_sharding: Any,
     if len(given) != len(params):
         return _plain_concat(params, dtype, flat_sharding)
     typed = [_typeof_sharding(p) for p in params]
-    shardings = [_concrete(t if t is not None else s, flat_sharding) for t, s in zip(typed, given)]
-    plan = _make_plan([tuple(p.shape) for p in params], [p.dtype for p in params],
+    shardings = [_concrete(t if t is not None else s, flat_sharding) for t, s in zip(typed, given, strict=True)]
+    plan = _make_moves([tuple(p.shape) for p in params], [p.dtype for p in params],
                       shardings, dtype, flat_sharding)
     if plan is None:
         return _plain_concat(params, dtype, flat_sharding)
@@ -662,13 +666,13 @@ def split(v: Any, spec: Any, shardings: Any, flat_sharding: Any = None) -> list[
     flat_sharding = typed if typed is not None else flat_sharding
     if flat_sharding is None:
         flat_sharding = _default_flat_sharding(
-            [jax.ShapeDtypeStruct(shape, dt, sharding=s) for (shape, dt), s in zip(spec, shardings)]
+            [jax.ShapeDtypeStruct(shape, dt, sharding=s) for (shape, dt), s in zip(spec, shardings, strict=True)]
         )
     flat_sharding = _concrete(flat_sharding, shardings[0])
     shardings = [_concrete(s, flat_sharding) for s in shardings]
-    plan = _make_plan([shape for shape, _ in spec], [dt for _, dt in spec], shardings,
+    plan = _make_moves([shape for shape, _ in spec], [dt for _, dt in spec], shardings,
                       np.dtype(v.dtype), flat_sharding)
-    if plan is None or v.shape != (plan.n,):
+    if plan is None or v.shape != (plan.length,):
         return _plain_split(v, spec, shardings)
     return _p.bind(v, plan=plan, forward=False, batch=0)  # type: ignore[no-any-return]
 

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 from typing import Any
 
-
 from . import _nnx
 from ._walk import walk
 

@@ -158,7 +158,7 @@ def is_hidden(x: Any) -> bool:
     return isinstance(x, REGISTRY.hidden)
 
 
-def children(node: Any) -> tuple[jtu.PyTreeDef, list[tuple[Any, Any]]] | None:
+def children(node: Any) -> tuple[Any, list[tuple[Any, Any]]] | None:
     """One level of ``node``: its treedef and ``(key, child)`` pairs.
 
     Returns ``None`` for a real leaf (an array, a function, a registered
@@ -167,6 +167,7 @@ def children(node: Any) -> tuple[jtu.PyTreeDef, list[tuple[Any, Any]]] | None:
     if isinstance(node, ARRAY_TYPES) or is_registered_leaf(node):
         return None
     pairs, treedef = jtu.tree_flatten_with_path(node, is_leaf=lambda y: y is not node)
+    treedef = cast(Any, treedef)  # jaxlib ships no stub for PyTreeDef's attributes
     if treedef.num_nodes == 1 and treedef.num_leaves == 1:
         return None
     return treedef, [(path[0], child) for path, child in pairs]

@@ -7,7 +7,6 @@ from typing import Any, TypeVar
 import jax
 import jax.numpy as jnp
 import numpy as np
-
 from jax import tree_util as jtu
 
 from . import _nnx
@@ -43,7 +42,7 @@ def _state_node(frame: Frame, values: list[Any]) -> Any:
         return type(node)(values)
     return {
         P.keyname(k): v
-        for k, v, c in zip(frame.keys, values, frame.items)
+        for k, v, c in zip(frame.keys, values, frame.items, strict=True)
         if not _hidden(c)
     }
 
@@ -295,7 +294,7 @@ def loadmodel(dst: T, src: Any, /) -> T:
             moves.append(i)
     if moves:  # one batched transfer for all of them
         values = jax.device_put([leaves[i][1] for i in moves], [leaves[i][2] for i in moves])
-        for i, v in zip(moves, values):
+        for i, v in zip(moves, values, strict=True):
             leaves[i] = v
     return m.w.build(leaves)  # type: ignore[no-any-return]
 

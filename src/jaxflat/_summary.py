@@ -8,8 +8,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from . import _predicates as P
 from . import _nnx
+from . import _predicates as P
 from ._walk import FRAME, LEAF, walk
 
 _ARRAYS: Any = (*P.ARRAY_TYPES, jax.ShapeDtypeStruct)
@@ -62,7 +62,7 @@ def summary(tree: Any, /) -> str:
     """
     w = walk(tree)
     leaf_counts = []
-    for leaf, t in zip(w.leaves, w.train):
+    for leaf, t in zip(w.leaves, w.train, strict=True):
         x: Any = leaf
         if not isinstance(x, _ARRAYS):
             leaf_counts.append([0, 0, 0, 0, 0])
@@ -76,7 +76,7 @@ def summary(tree: Any, /) -> str:
         for kind, i in fr.items:
             src = leaf_counts[i] if kind == LEAF else frame_counts[i] if kind == FRAME else None
             if src is not None:
-                c = [a + b for a, b in zip(c, src)]
+                c = [a + b for a, b in zip(c, src, strict=True)]
         frame_counts.append(c)
     lines: list[str] = []
 
@@ -90,13 +90,13 @@ def summary(tree: Any, /) -> str:
             return
         text = "  " * depth + label + type(fr.node).__name__
         lines.append(f"{text:<40} # {_counts(c[:4])}")
-        for k, it in zip(fr.keys, fr.items):
+        for k, it in zip(fr.keys, fr.items, strict=True):
             show(it, f"{_keylabel(k)}: ", depth + 1)
 
     show(w.root, "", 0)
     total = [0, 0, 0, 0, 0]
     for c in leaf_counts:
-        total = [a + b for a, b in zip(total, c)]
+        total = [a + b for a, b in zip(total, c, strict=True)]
     ta, tn, na, nn, nbytes = total
     text = f"# Total: {ta} trainable arrays, {tn:_} parameters"
     if na:

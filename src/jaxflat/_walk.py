@@ -19,7 +19,7 @@ import functools
 import threading
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any, Generic, NamedTuple, TypeVar
+from typing import Any, Generic, NamedTuple, TypeVar, cast
 
 from jax import tree_util as jtu
 
@@ -124,7 +124,7 @@ def walk(tree: Any) -> Walk:
             w.mutable = True
             if id(node) in memo:
                 w.tied = True
-                position += jtu.tree_structure(node, is_leaf=is_leaf).num_leaves
+                position += len(jtu.tree_leaves(node, is_leaf=is_leaf))
                 return FRAME, memo[id(node)]
         slot = len(w.preorder)
         w.preorder.append(-1)
@@ -229,6 +229,7 @@ def structure(tree: Any) -> tuple[list[Any], Structure]:
     w = None
     if not P.is_mutable(tree):
         leaves, treedef = jtu.tree_flatten(tree, is_leaf=registered)
+        treedef = cast(Any, treedef)  # jaxlib ships no stub for PyTreeDef's attributes
         hit = _STRUCTURES.get((treedef, version, None))
         if hit is not None and not hit.mutable:
             return leaves, hit
