@@ -278,3 +278,19 @@ def test_a_jitted_step_returning_a_new_re_compiles_once():
     assert len(traces) == 1
     assert not np.array_equal(means[0], means[-1])  # statistics move
     assert counts == [1, 2, 3, 4]  # a new dropout key every step
+
+
+def test_mutable_memo_follows_isinstance_for_proxies_and_plain_objects():
+    from jaxflat import _predicates
+
+    class Proxy:  # claims its target's class, as wrapt's proxies do
+        def __init__(self, target):
+            self._target = target
+
+        @property
+        def __class__(self):
+            return type(self._target)
+
+    param = nnx.Param(jnp.ones(2))
+    for x in (Proxy(param), Proxy(1.0), Proxy(param), param, jnp.ones(2), param):
+        assert _predicates.is_mutable(x) == isinstance(x, nnx.Variable)

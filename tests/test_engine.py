@@ -1,5 +1,5 @@
 """The eager engine: every path gives the bits of the traced path; compiles
-happen only when they have paid for themselves, synchronously, bounded."""
+happen only for structures called in a loop, synchronously, bounded."""
 
 import threading
 
@@ -26,12 +26,11 @@ def tree_of(n, dtype=jnp.float32):
 
 @pytest.fixture
 def compile_at_once(monkeypatch):
-    """Compiling is 'paid for' from the first call."""
-    monkeypatch.setattr(_engine, "COMPILE_FIXED_S", 0.0)
-    monkeypatch.setattr(_engine, "COMPILE_PER_LEAF_S", {"concat": 0.0, "split": 0.0})
+    """Programs are compiled on the first host call."""
+    monkeypatch.setattr(_engine, "COMPILE_AT_CALL", 1)
 
 
-@pytest.mark.parametrize("n", [3, 300, 1100])  # one callback chunk / two chunks
+@pytest.mark.parametrize("n", [3, 300, 1100])  # XLA's split / one callback chunk / two
 def test_every_path_is_bit_identical_to_the_traced_path(n, monkeypatch, compile_at_once):
     monkeypatch.setattr(_engine, "CALLBACK_CHUNK", 1024)
     tree = tree_of(n)
@@ -46,31 +45,28 @@ def test_every_path_is_bit_identical_to_the_traced_path(n, monkeypatch, compile_
             assert got[k].dtype == want[k].dtype
     engine = re._plan.engine
     assert engine.concat is not None and engine.cutter is not None
+    xla_split = isinstance(engine.cutter[2], jax.stages.Compiled)
+    assert xla_split == (n <= _engine.XLA_SPLIT_MAX_LEAVES)
 
 
-def test_a_new_structure_compiles_nothing_on_its_first_calls():
+def test_programs_are_compiled_on_a_structures_fourth_call_not_before():
+    assert _engine.COMPILE_AT_CALL == 4
     tree = tree_of(50)
     flat, re = jaxflat.destructure(tree)
-    for _ in range(3):
-        jaxflat.destructure(tree), re(flat)
     engine = re._plan.engine
-    assert engine.concat is None and engine.cutter is None
-    assert 0 < engine.host_seconds["concat"] < engine.budget["concat"]
-
-
-def test_compiles_once_host_time_reaches_the_estimate(monkeypatch):
-    monkeypatch.setattr(_engine, "COMPILE_FIXED_S", 0.002)
-    monkeypatch.setattr(_engine, "COMPILE_PER_LEAF_S", {"concat": 0.0, "split": 0.0})
-    tree = tree_of(20)
-    flat, re = jaxflat.destructure(tree)
-    engine = re._plan.engine
-    calls = 1
-    while engine.concat is None:
+    for _ in range(2):
         jaxflat.destructure(tree)
-        calls += 1
-        assert calls < 10_000
-    assert engine.host_seconds["concat"] >= 0.002
-    np.testing.assert_array_equal(jaxflat.destructure(tree)[0], flat)
+    for _ in range(3):
+        re(flat)
+    assert engine.concat is None and engine.cutter is None
+    assert engine.host_calls == {"concat": 3, "split": 3}
+    np.testing.assert_array_equal(jaxflat.destructure(tree)[0], flat)  # the 4th: compiles
+    assert engine.concat is not None and engine.cutter is None
+    out = re(flat)
+    assert engine.cutter is not None
+    np.testing.assert_array_equal(out["l00007"], tree["l00007"])
+    np.testing.assert_array_equal(jaxflat.destructure(tree)[0], flat)  # the compiled program
+    assert engine.host_calls["concat"] == 4
 
 
 def test_compiled_programs_refuse_other_inputs_and_fall_back(compile_at_once):
@@ -106,7 +102,7 @@ def test_large_structures_stay_on_the_host_path(monkeypatch, compile_at_once):
     for _ in range(3):
         jaxflat.destructure(tree), re(flat)
     engine = re._plan.engine
-    assert engine.budget == {"concat": None, "split": None}
+    assert engine.compiles == {"concat": False, "split": False}
     assert engine.concat is None and engine.cutter is None
     np.testing.assert_array_equal(re(flat)["w"], tree["w"])
 
@@ -117,7 +113,7 @@ def test_many_leaves_never_compile_a_concatenate(monkeypatch, compile_at_once):
     flat, re = jaxflat.destructure(tree)
     for _ in range(3):
         jaxflat.destructure(tree)
-    assert re._plan.engine.concat is None and re._plan.engine.budget["concat"] is None
+    assert re._plan.engine.concat is None and not re._plan.engine.compiles["concat"]
 
 
 def test_no_thread_is_started(compile_at_once):

@@ -9,13 +9,17 @@
 * ``mesh`` (parameters sharded over a mesh): ``_mesh``'s memory-bounded
   moves, in one jitted program per plan.
 * ``host`` (concrete arrays on one CPU device): numpy views, no compile: a
-  new structure costs milliseconds. Once the host path has spent as long on
-  a plan as compiling it is estimated to take (rent-or-buy: never more than
-  twice the best cost in hindsight), one program is compiled, synchronously,
-  and used from then on: a concatenate, and a host callback that cuts the
-  vector (XLA compiles one custom call per 1024 leaves, not one kernel per
-  leaf). Structures above ``MAX_CONCAT_LEAVES`` leaves or ``HOST_ONLY_BYTES``
-  stay on the host, where numpy is as fast and XLA's compile is not bounded.
+  new structure costs milliseconds. On the ``COMPILE_AT_CALL``-th host call
+  of one plan (a structure met that often is being called in a loop), its
+  programs are compiled, synchronously, and used from then on: one
+  concatenate, and one split (XLA's, up to ``XLA_SPLIT_MAX_LEAVES`` leaves;
+  above, where XLA:CPU's compile grows by ~10 ms a leaf, a host callback
+  that cuts the vector, one custom call per ``CALLBACK_CHUNK`` leaves).
+  Measured on 2 cores: the compiles cost about 0.7 s at 100 leaves and
+  0.85 s at 1000 (at most ~2 s, at 256 leaves), and repay themselves within
+  about 100 and 20 calls respectively; structures above
+  ``MAX_CONCAT_LEAVES`` leaves or ``HOST_ONLY_BYTES`` never compile their
+  concatenate, where numpy is as fast and XLA's compile is not bounded.
 * ``compiled`` (any other single device, e.g. a GPU): one jitted program
   per plan.
 
@@ -28,7 +32,6 @@ from __future__ import annotations
 
 import functools
 import itertools
-import time
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -39,10 +42,9 @@ from jax import lax
 
 Spec = tuple[tuple[tuple[int, ...], np.dtype], ...]  # (shape, dtype) per parameter
 
-# Compile cost estimates on a 2-core CPU (benchmarks/): seconds, fixed + per leaf.
-COMPILE_FIXED_S = 0.03
-COMPILE_PER_LEAF_S = {"concat": 1.0e-3, "split": 0.3e-3}
+COMPILE_AT_CALL = 4  # host calls of one plan after which its programs are compiled
 MAX_CONCAT_LEAVES = 2048  # XLA:CPU's concatenate compile grows faster than linearly
+XLA_SPLIT_MAX_LEAVES = 256  # above this, the callback cutter (XLA's split: ~2.5 s at 256)
 HOST_ONLY_BYTES = 64 * 2**20  # above this, numpy's copy beats XLA:CPU's
 CALLBACK_CHUNK = 1024  # leaves per host callback (a callback's compile is superlinear)
 ALIGN = 64  # device_put aliases a 64-byte aligned numpy buffer instead of copying
@@ -167,13 +169,9 @@ class Engine:
         self.slices = [slice(a, b) for a, b in itertools.pairwise(stops)]
         self.length = stops[-1]
         nbytes = self.length * dtype.itemsize
-        self.budget = {  # seconds of host work after which compiling pays; None: never
-            kind: COMPILE_FIXED_S + per_leaf * len(spec)
-            if nbytes < HOST_ONLY_BYTES and (kind == "split" or len(spec) <= MAX_CONCAT_LEAVES)
-            else None
-            for kind, per_leaf in COMPILE_PER_LEAF_S.items()
-        }
-        self.host_seconds = {"concat": 0.0, "split": 0.0}
+        small = nbytes < HOST_ONLY_BYTES
+        self.compiles = {"concat": small and len(spec) <= MAX_CONCAT_LEAVES, "split": small}
+        self.host_calls = {"concat": 0, "split": 0}
         self.concat: Any = None  # Compiled concatenate, on the host path
         self.cutter: Any = None  # (dtype, device, callable) for the host path
         self.programs: dict[str, Any] = {}  # mesh and compiled paths: jitted functions
@@ -186,13 +184,10 @@ class Engine:
         device = _device(arrays)
         return ("host", device) if device is not None else ("compiled", None)
 
-    def _rent(self, kind: str, start: float) -> bool:
-        """Count host time; True when a compile has now paid for itself."""
-        budget = self.budget[kind]
-        if budget is None:
-            return False
-        self.host_seconds[kind] += time.perf_counter() - start
-        return self.host_seconds[kind] >= budget
+    def _due(self, kind: str) -> bool:
+        """Count a host call; True when this plan's ``kind`` program is to be compiled."""
+        self.host_calls[kind] += 1
+        return self.compiles[kind] and self.host_calls[kind] >= COMPILE_AT_CALL
 
     def _program(self, name: str, make: Callable[[], Any]) -> Any:
         fn = self.programs.get(name)
@@ -219,11 +214,10 @@ class Engine:
                 return self.concat(*params)  # type: ignore[no-any-return]
             except (TypeError, ValueError):
                 pass  # not what it was compiled for: the host path
-        start = time.perf_counter()
         out = _aligned(self.length, self.dtype)
         np.concatenate([np.asarray(p).reshape(-1) for p in params], out=out)
         flat = jax.device_put(out, device)
-        if self._rent("concat", start) and self.concat is None:
+        if self._due("concat") and self.concat is None:
             avals = [jax.ShapeDtypeStruct(p.shape, p.dtype, sharding=jax.sharding.SingleDeviceSharding(device)) for p in params]
             self.concat = jax.jit(_concat_varargs, static_argnames="dtype").lower(*avals, dtype=self.dtype).compile()
         return flat
@@ -254,14 +248,19 @@ class Engine:
             return self._program("split", lambda: jax.jit(functools.partial(split_traced, self.spec)))(v)  # type: ignore[no-any-return]
         if self.cutter is not None and self.cutter[:2] == (v.dtype, device):
             return self.cutter[2](v)  # type: ignore[no-any-return]
-        start = time.perf_counter()
         a = np.asarray(v)
         out = jax.device_put(
             [cast(a[s].reshape(shape), dt) for s, (shape, dt) in zip(self.slices, self.spec, strict=True)],
             device,
         )
-        if self._rent("split", start) and self.cutter is None:
-            self.cutter = (v.dtype, device, self._callbacks(v))
+        if self._due("split") and self.cutter is None:
+            cut: Any
+            if len(self.spec) <= XLA_SPLIT_MAX_LEAVES:
+                aval = jax.ShapeDtypeStruct(v.shape, v.dtype, sharding=jax.sharding.SingleDeviceSharding(device))
+                cut = jax.jit(functools.partial(split_traced, self.spec)).lower(aval).compile()
+            else:
+                cut = self._callbacks(v)
+            self.cutter = (v.dtype, device, cut)
         return out  # type: ignore[no-any-return]
 
     def _split_traced(self, v: jax.Array) -> list[jax.Array]:

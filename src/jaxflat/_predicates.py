@@ -30,15 +30,18 @@ class _Registry:
         self.leaves: tuple[type, ...] = ()
         self.mutable: tuple[type, ...] = ()  # the same object at two places is one tie
         self.hidden: tuple[type, ...] = ()  # library internals, children only in jax's eyes
+        self.per_instance: tuple[type, ...] = (jax.core.Tracer,)  # see is_mutable
+        self.mutable_by_type: dict[type, bool] = {}  # see is_mutable
         self.trainable: dict[type, Rule] = {}
         self.version = 0
 
     def snapshot(self) -> tuple[Any, ...]:
-        return self.leaves, self.mutable, self.hidden, dict(self.trainable)
+        return self.leaves, self.mutable, self.hidden, self.per_instance, dict(self.trainable)
 
     def restore(self, snap: tuple[Any, ...]) -> None:
-        self.leaves, self.mutable, self.hidden, trainable = snap
+        self.leaves, self.mutable, self.hidden, self.per_instance, trainable = snap
         self.trainable = dict(trainable)
+        self.mutable_by_type = {}
         self.version += 1
 
 
@@ -89,11 +92,16 @@ def register_leaf(cls: type) -> type:
     return cls
 
 
-def register_mutable(cls: type, *, hidden: tuple[type, ...] = ()) -> None:
+def register_mutable(cls: type, *, hidden: tuple[type, ...] = (),
+                     per_instance: tuple[type, ...] = ()) -> None:
     """Library hook (see ``_nnx``): instances of ``cls`` are mutable nodes,
-    tied by identity; children of the ``hidden`` types are not shown to users."""
+    tied by identity; children of the ``hidden`` types are not shown to users;
+    ``isinstance(x, cls)`` looks at more than ``type(x)`` for instances of
+    the ``per_instance`` types (see ``is_mutable``)."""
     REGISTRY.mutable = (*REGISTRY.mutable, cls)
     REGISTRY.hidden = (*REGISTRY.hidden, *hidden)
+    REGISTRY.per_instance = (*REGISTRY.per_instance, *per_instance)
+    REGISTRY.mutable_by_type = {}
     REGISTRY.version += 1
 
 
@@ -151,7 +159,25 @@ def is_registered_leaf(x: Any) -> bool:
 
 
 def is_mutable(x: Any) -> bool:
-    return isinstance(x, REGISTRY.mutable)
+    """``isinstance(x, REGISTRY.mutable)``, memoised by type.
+
+    Validity: the registered classes (``nnx.Variable``, ``nnx.Pytree``)
+    answer instance checks from ``x.__class__`` alone, except for instances
+    of the ``per_instance`` types (jax tracers, NNX's hijax variables),
+    which are asked every time. An answer is remembered only for an object
+    whose ``__class__`` is its type (not a proxy) and used only for such
+    objects; the memo is emptied whenever the registrations change.
+    """
+    t = type(x)
+    plain = x.__class__ is t
+    if plain:
+        known = REGISTRY.mutable_by_type.get(t)
+        if known is not None:
+            return known
+    answer = isinstance(x, REGISTRY.mutable)
+    if plain and not issubclass(t, REGISTRY.per_instance):
+        REGISTRY.mutable_by_type[t] = answer
+    return answer
 
 
 def is_hidden(x: Any) -> bool:
