@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import functools
 import itertools
+import math
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -51,7 +52,7 @@ ALIGN = 64  # device_put aliases a 64-byte aligned numpy buffer instead of copyi
 
 
 def sizes(spec: Spec) -> list[int]:
-    return [int(np.prod(shape, dtype=np.int64)) for shape, _ in spec]
+    return [math.prod(shape) for shape, _ in spec]
 
 
 def cast(x: Any, dtype: Any) -> Any:
@@ -66,6 +67,7 @@ def cast(x: Any, dtype: Any) -> Any:
 def flat_dtype(dtypes: Sequence[Any]) -> np.dtype:
     """``jnp.result_type`` of the parameters; float8 types, which JAX does not
     promote implicitly, give way to the widest other float present."""
+    dtypes = list(dict.fromkeys(dtypes))  # the join is order-free; few distinct dtypes
     if not dtypes:
         return np.dtype(jnp.float32)
     try:
