@@ -1,6 +1,10 @@
 """The eager engine: every path gives the bits of the traced path; compiles
 happen only for structures called in a loop, synchronously, bounded."""
 
+import os
+import subprocess
+import sys
+import textwrap
 import threading
 
 import jax
@@ -145,3 +149,32 @@ def test_flatten_buffer_is_aligned():
 )
 def test_flat_dtype_takes_the_widest_float_over_float8(dtypes, want):
     assert _engine.flat_dtype([np.dtype(d) for d in dtypes]) == np.dtype(want)
+
+
+@pytest.mark.skipif(not os.path.exists("/proc/self/statm"), reason="reads RSS from /proc")
+def test_memory_of_compiled_programs_stays_bounded_over_many_structures():
+    """140 structures, each called until its programs are compiled: past the
+    plan cache's size, host memory stops growing (bug: jax's caches kept
+    every program compiled from a module-level function, ~1.5 MiB each)."""
+    script = textwrap.dedent(
+        """
+        import jax, jaxflat, numpy as np
+        from jaxflat import _engine
+        _engine.COMPILE_AT_CALL = 1
+        def rss():
+            return int(open("/proc/self/statm").read().split()[1]) * 4096 / 2**20
+        marks = []
+        for n in range(140):
+            # numpy via device_put: jnp.asarray would compile per shape itself
+            tree = {f"s{n}_{i}": jax.device_put(np.full((n + 1 + i,), n, np.float32)) for i in range(8)}
+            flat, re = jaxflat.destructure(tree)
+            jax.block_until_ready(re(flat))
+            if n in (69, 139):
+                marks.append(rss())
+        print("growth", marks[1] - marks[0])
+        """
+    )
+    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=240)
+    assert out.returncode == 0, out.stderr[-2000:]
+    growth = float(out.stdout.split()[-1])
+    assert growth < 40, f"RSS grew {growth:.0f} MiB over the last 70 structures"
