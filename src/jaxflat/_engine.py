@@ -15,9 +15,9 @@
   concatenate, and one split (XLA's, up to ``XLA_SPLIT_MAX_LEAVES`` leaves;
   above, where XLA:CPU's compile grows by ~10 ms a leaf, a host callback
   that cuts the vector, one custom call per ``CALLBACK_CHUNK`` leaves).
-  Measured on 2 cores: the compiles cost about 0.7 s at 100 leaves and
-  0.85 s at 1000 (at most ~2 s, at 256 leaves), and repay themselves within
-  about 100 and 20 calls respectively; structures above
+  Measured on 2 cores: the compiles cost about 1 s at 100 and at 1000
+  leaves (most at 256 leaves: ~2 s), and repay themselves within about 150
+  and 30 calls respectively; structures above
   ``MAX_CONCAT_LEAVES`` leaves or ``HOST_ONLY_BYTES`` never compile their
   concatenate, where numpy is as fast and XLA's compile is not bounded.
 * ``compiled`` (any other single device, e.g. a GPU): one jitted program
@@ -45,7 +45,7 @@ Spec = tuple[tuple[tuple[int, ...], np.dtype], ...]  # (shape, dtype) per parame
 
 COMPILE_AT_CALL = 4  # host calls of one plan after which its programs are compiled
 MAX_CONCAT_LEAVES = 2048  # XLA:CPU's concatenate compile grows faster than linearly
-XLA_SPLIT_MAX_LEAVES = 256  # above this, the callback cutter (XLA's split: ~2.5 s at 256)
+XLA_SPLIT_MAX_LEAVES = 256  # above this, the callback cutter (XLA's split: ~2 s at 256)
 HOST_ONLY_BYTES = 64 * 2**20  # above this, numpy's copy beats XLA:CPU's
 CALLBACK_CHUNK = 1024  # leaves per host callback (a callback's compile is superlinear)
 ALIGN = 64  # device_put aliases a 64-byte aligned numpy buffer instead of copying

@@ -15,8 +15,8 @@ from flax import nnx
 from ._predicates import _set_rule, register_mutable
 
 # Instance checks of nnx.Variable look inside hijax variables (and tracers).
-_HIJAX = tuple(c for c in [getattr(nnx.variablelib, "HijaxVariable", None)] if isinstance(c, type))
-register_mutable(nnx.Variable, per_instance=_HIJAX)
+_HIJAX = getattr(nnx.variablelib, "HijaxVariable", None)
+register_mutable(nnx.Variable, per_instance=(_HIJAX,) if isinstance(_HIJAX, type) else ())
 register_mutable(nnx.Pytree, hidden=(nnx.pytreelib.PytreeState,))
 _set_rule(nnx.Variable, ())
 _set_rule(nnx.Param, None)  # every child: the value
