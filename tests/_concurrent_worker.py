@@ -70,11 +70,6 @@ def main(role, folder, path, *args):
 
     import jaxflat
 
-    if os.environ.get("JAXFLAT_TEST_FALLBACK"):  # no /proc/self/fd, no renameat2: the portable path
-        from jaxflat import _checkpoint
-
-        _checkpoint._PROC_FD = False
-        _checkpoint._renameat2 = lambda a, b, flags: False
     worker_id = args[0] if args else "0"
     open(os.path.join(folder, f"ready-{role}-{worker_id}"), "w").close()
     _wait_for(os.path.join(folder, "go"), 60)

@@ -63,6 +63,19 @@ def esc(p):
     return re.escape(str(p))
 
 
+def version(path):
+    """The folder of a jaxflat checkpoint's current arrays (an Orbax item)."""
+    return path / json.loads((path / "jaxflat.json").read_text())["version"]
+
+
+def rewrite_meta(path, meta):
+    """Write a description with a valid SHA-256, to reach the validator behind the hash."""
+    from jaxflat import _codec
+
+    meta = {k: v for k, v in meta.items() if k != "sha256"}
+    (path / "jaxflat.json").write_text(_codec.dumps(meta))
+
+
 # ------------------------------------------------------------ round trips
 
 
@@ -313,10 +326,11 @@ def test_load_unfinished_checkpoint_without_json(tmp_path):
 def test_load_checkpoint_without_arrays_folder(tmp_path):
     path = tmp_path / "ckpt"
     jaxflat.save(path, {"w": jnp.ones(2)})
-    for p in sorted((path / "arrays").rglob("*"), reverse=True):
+    folder = version(path)
+    for p in sorted(folder.rglob("*"), reverse=True):
         p.rmdir() if p.is_dir() else p.unlink()
-    (path / "arrays").rmdir()
-    with pytest.raises((FileNotFoundError, LoadError), match=esc(path)):
+    folder.rmdir()
+    with pytest.raises(LoadError, match=esc(path) + ".*arrays-.* is missing"):
         jaxflat.load(path)
 
 
@@ -344,7 +358,7 @@ def orbax_stray_errors(monkeypatch):
 
 
 def _data_files(path):
-    return [p for p in (path / "arrays").rglob("*") if p.is_file() and p.parent.name == "d"]
+    return [p for p in version(path).rglob("*") if p.is_file() and p.parent.name == "d"]
 
 
 def _delete(p):
@@ -377,7 +391,7 @@ def test_load_damaged_array_files(tmp_path, damage, orbax_stray_errors):
 def test_load_emptied_arrays_folder(tmp_path, orbax_stray_errors):
     path = tmp_path / "ckpt"
     jaxflat.save(path, {"w": jnp.arange(1000.0)})
-    for p in sorted((path / "arrays").rglob("*"), reverse=True):
+    for p in sorted(version(path).rglob("*"), reverse=True):
         p.rmdir() if p.is_dir() else p.unlink()
     with pytest.raises((LoadError, FileNotFoundError), match=esc(path)):
         jaxflat.load(path)
@@ -408,9 +422,9 @@ CORRUPT_JSON = {
     "not_an_object": lambda t: "[]",
     "other_format": lambda t: json.dumps({"format": "something-else/9"}),
     "format_only": lambda t: json.dumps({"format": json.loads(t)["format"]}),
-    "array_index_out_of_range": lambda t: t.replace('"i": 0', '"i": 99'),
+    "array_index_out_of_range": lambda t: t.replace('"i":0', '"i":99'),
     "unknown_dtype": _edit_meta(arrays=_set_first_array("dtype", "float99")),
-    "unknown_node_type": lambda t: t.replace('"t": "dict"', '"t": "frobnicator"', 1),
+    "unknown_node_type": lambda t: t.replace('"t":"dict"', '"t":"frobnicator"', 1),
 }
 
 
@@ -528,12 +542,17 @@ def test_overwrite_replaces_an_empty_folder(tmp_path):
 def test_save_removes_what_killed_saves_left(tmp_path):
     path = tmp_path / "ckpt"
     jaxflat.save(path, {"w": jnp.ones(2)})
-    (tmp_path / ".ckpt.jaxflat-new-0123abcd" / "arrays").mkdir(parents=True)
-    (tmp_path / ".ckpt.jaxflat-new").mkdir()  # the name older versions used
-    (tmp_path / ".ckpt.jaxflat-lock").touch()
-    (tmp_path / ".other.jaxflat-new-1").mkdir()  # another checkpoint's: not ours
+    (path / ("arrays-" + "0" * 32 + ".orbax-checkpoint-tmp-1")).mkdir()  # killed in Orbax
+    (path / ("arrays-" + "1" * 32)).mkdir()  # killed before its commit
+    (path / ".jaxflat.json.tmp-abc").write_text("{")  # killed while writing the pointer
+    np.testing.assert_array_equal(jaxflat.load(path)["w"], np.ones(2))
     jaxflat.save(path, {"w": jnp.zeros(2)}, overwrite=True)
-    assert sorted(p.name for p in tmp_path.iterdir()) == [".other.jaxflat-new-1", "ckpt"]
+    assert _listing(tmp_path) == ["ckpt", "ckpt/.jaxflat.lock", *_listing_of_version(path), "ckpt/jaxflat.json"]
+
+
+def _listing_of_version(path):
+    v = version(path)
+    return sorted(str(p.relative_to(path.parent)) for p in [v, *v.rglob("*")])
 
 
 def test_threads_saving_to_one_path_take_turns(tmp_path):
@@ -560,36 +579,6 @@ def test_threads_saving_to_one_path_take_turns(tmp_path):
     assert [p.name for p in tmp_path.iterdir()] == ["ckpt"]
 
 
-# ------------------------------------------------------------ without renameat2: two renames
-
-
-@pytest.fixture
-def no_renameat2(monkeypatch):
-    from jaxflat import _checkpoint
-
-    monkeypatch.setattr(_checkpoint, "_renameat2", lambda a, b, flags: False)
-
-
-def test_overwrite_without_renameat2(tmp_path, no_renameat2):
-    path = tmp_path / "ckpt"
-    jaxflat.save(path, {"w": jnp.ones(2)})
-    jaxflat.save(path, {"w": jnp.zeros(3)}, overwrite=True)
-    np.testing.assert_array_equal(jaxflat.load(path)["w"], np.zeros(3))
-    assert [p.name for p in tmp_path.iterdir()] == ["ckpt"]
-
-
-def test_save_killed_between_two_renames_loses_nothing(tmp_path, no_renameat2):
-    path = tmp_path / "ckpt"
-    jaxflat.save(path, {"w": jnp.ones(2)})
-    path.rename(tmp_path / ".ckpt.jaxflat-old")  # the first rename; then the writer died
-    np.testing.assert_array_equal(jaxflat.load(path)["w"], np.ones(2))
-    with pytest.raises(FileExistsError, match=esc(path)):
-        jaxflat.save(path, {"w": jnp.zeros(2)})
-    jaxflat.save(path, {"w": jnp.zeros(2)}, overwrite=True)
-    np.testing.assert_array_equal(jaxflat.load(path)["w"], np.zeros(2))
-    assert [p.name for p in tmp_path.iterdir()] == ["ckpt"]
-
-
 # ------------------------------------------------------------ failed saves clean up
 
 
@@ -608,11 +597,13 @@ def _fail_orbax_save(monkeypatch, exc):
         (directory / "partial").write_bytes(b"x" * 100)
         raise exc
 
-    monkeypatch.setattr(ocp.StandardCheckpointer, "save", save)
+    monkeypatch.setattr(ocp.PyTreeCheckpointer, "save", save)
 
 
 def _assert_old_checkpoint_only(tmp_path):
     assert [p.name for p in tmp_path.iterdir()] == ["ckpt"]
+    names = sorted(p.name for p in (tmp_path / "ckpt").iterdir())
+    assert names[0] == ".jaxflat.lock" and names[2] == "jaxflat.json" and len(names) == 3, names
     np.testing.assert_array_equal(jaxflat.load(tmp_path / "ckpt")["w"], np.ones(2))
 
 
@@ -631,10 +622,12 @@ def test_disk_full_writing_the_json_is_a_plain_error_and_cleans_up(tmp_path, mon
     path = tmp_path / "ckpt"
     jaxflat.save(path, {"w": jnp.ones(2)})
 
-    def dump(*args, **kwargs):
+    def write(*args, **kwargs):
         raise OSError(errno.ENOSPC, "No space left on device")
 
-    monkeypatch.setattr(json, "dump", dump)
+    from jaxflat import _store
+
+    monkeypatch.setattr(_store.os, "replace", write)
     with pytest.raises(OSError, match="no space left on device while writing " + esc(path)):
         jaxflat.save(path, {"w": jnp.zeros(2)}, overwrite=True)
     monkeypatch.undo()
@@ -733,7 +726,7 @@ def test_load_deeply_nested_json_is_a_load_error(tmp_path, depth, kind):
     jaxflat.save(path, {"w": jnp.ones(2)})
     meta = json.loads((path / "jaxflat.json").read_text())
     text = json.dumps({**meta, "tree": "@"}).replace('"@"', _tree_nested(depth, kind))
-    (path / "jaxflat.json").write_text(text)
+    (path / "jaxflat.json").write_text(text)  # too deep to parse: found before the hash is checked
     with pytest.raises(LoadError, match=esc(path / "jaxflat.json") + ".*nested too deeply"):
         jaxflat.load(path)
 
@@ -744,15 +737,6 @@ def test_load_nested_tree_without_recursion(tmp_path):
         tree = [tree, i] if i % 2 else {"k": tree}
     jaxflat.save(tmp_path / "ckpt", tree)
     assert_exact(jaxflat.load(tmp_path / "ckpt"), tree)
-
-
-def _edit_tree(fn):
-    def edit(text):
-        meta = json.loads(text)
-        fn(meta)
-        return json.dumps(meta)
-
-    return edit
 
 
 def _first_array_node(meta):
@@ -819,6 +803,8 @@ def test_load_malformed_json_names_the_file(tmp_path, case):
     jaxflat.save(path, {"w": jnp.arange(3.0), "b": np.ones(2)})
     edit, message = MALFORMED[case]
     meta = path / "jaxflat.json"
-    meta.write_text(_edit_tree(edit)(meta.read_text()))
+    edited = json.loads(meta.read_text())
+    edit(edited)
+    rewrite_meta(path, edited)
     with pytest.raises(LoadError, match=esc(meta) + ": corrupt jaxflat.json: .*" + message):
         jaxflat.load(path)

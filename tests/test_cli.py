@@ -1,5 +1,6 @@
 """python -m jaxflat demo / inspect."""
 
+import json
 import subprocess
 import sys
 import time
@@ -34,7 +35,8 @@ def test_inspect_reads_metadata_only(tmp_path, capsys):
     # Delete the array data: inspect must not need it.
     import shutil
 
-    shutil.rmtree(tmp_path / "c" / "arrays" / "d", ignore_errors=True)
+    version = json.loads((tmp_path / "c" / "jaxflat.json").read_text())["version"]
+    shutil.rmtree(tmp_path / "c" / version, ignore_errors=True)
     assert main(["inspect", str(tmp_path / "c")]) == 0
     out = capsys.readouterr().out
     assert "['w']" in out and "(3, 4)" in out and "float32" in out
@@ -50,6 +52,13 @@ def test_inspect_missing_path_is_an_error(tmp_path, capsys):
 # ------------------------------------------------------------ errors: one line, non-zero exit
 
 
+def _dumps(meta):
+    """A description with a valid hash, to reach the validator behind it."""
+    from jaxflat import _codec
+
+    return _codec.dumps({"format": _codec.FORMAT, "version": "arrays-" + "0" * 32, **meta})
+
+
 def _corrupt(path, text):
     jaxflat.save(path, {"w": jnp.ones(2)})
     (path / "jaxflat.json").write_text(text)
@@ -58,9 +67,9 @@ def _corrupt(path, text):
 @pytest.mark.parametrize(
     "text, message",
     [
-        ('{"format": "jaxflat-checkpoint/1", "arrays": [], "tree": ' + '{"t": "list", "v": [' * 50000 + "]}" * 50000 + "}", "nested too deeply"),
-        ('{"format": "jaxflat-checkpoint/1", "arrays": [], "tree": {"t": "array", "i": -1}}', "array index -1 out of range"),
-        ('{"format": "jaxflat-checkpoint/1", "arrays": [{"path": "x", "kind": "jax", "shape": [-1], "stored_shape": [-1], "dtype": "float32", "stored_dtype": "float32"}], "tree": {"t": "none"}}', "not a list of non-negative ints"),
+        ('{"format": "jaxflat-checkpoint/2", "arrays": [], "tree": ' + '{"t": "list", "v": [' * 50000 + "]}" * 50000 + "}", "nested too deeply"),
+        (_dumps({"arrays": [], "tree": {"t": "array", "i": -1}}), "array index -1 out of range"),
+        (_dumps({"arrays": [{"path": "x", "key": ["x"], "kind": "jax", "shape": [-1], "stored_shape": [-1], "dtype": "float32", "stored_dtype": "float32"}], "tree": {"t": "none"}}), "not a list of non-negative ints"),
         ("{not json", "not valid JSON"),
     ],
     ids=["deep", "index", "shape", "garbage"],
@@ -76,7 +85,7 @@ def test_inspect_malformed_json_prints_one_line(tmp_path, capsys, text, message)
 
 
 def test_inspect_malformed_json_from_the_shell(tmp_path):
-    _corrupt(tmp_path / "c", '{"format": "jaxflat-checkpoint/1", "arrays": [], "tree": ' + "[" * 100000 + "]" * 100000 + "}")
+    _corrupt(tmp_path / "c", '{"format": "jaxflat-checkpoint/2", "arrays": [], "tree": ' + "[" * 100000 + "]" * 100000 + "}")
     out = subprocess.run(
         [sys.executable, "-m", "jaxflat", "inspect", str(tmp_path / "c")],
         capture_output=True, text=True, timeout=120,
@@ -91,7 +100,7 @@ def test_inspect_a_folder_that_is_no_checkpoint(tmp_path, capsys):
     (tmp_path / "plain" / "notes.txt").write_text("x")
     assert main(["inspect", str(tmp_path / "plain")]) == 1
     err = capsys.readouterr().err
-    assert err.count("\n") == 1 and "not a jaxflat checkpoint" in err
+    assert err.count("\n") == 1 and "is not a checkpoint: it holds no jaxflat.json" in err
 
 
 # ------------------------------------------------------------ plain Orbax checkpoints

@@ -10,6 +10,7 @@ them are killed if the test fails or runs out of time.
 
 import contextlib
 import importlib.util
+import json
 import subprocess
 import sys
 import threading
@@ -125,3 +126,6 @@ def test_two_writers_and_a_reader_never_tear_the_checkpoint(tmp_path):
     assert final in {i * 100 + SAVES - 1 for i in range(1, WRITERS + 1)}, final
     left = sorted(p.name for p in tmp_path.iterdir() if p.name.startswith(".ckpt"))
     assert left == [], f"left beside the checkpoint: {left}"
+    inside = sorted(p.name for p in path.iterdir())
+    assert len(inside) == 3 and inside[0] == ".jaxflat.lock" and inside[2] == "jaxflat.json", inside
+    assert inside[1] == json.loads((path / "jaxflat.json").read_text())["version"], inside

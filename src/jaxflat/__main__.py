@@ -2,10 +2,14 @@
 
   demo          the flat-and-nested walk-through on a small Flax NNX model
   inspect PATH  a checkpoint's key paths, shapes, dtypes, element counts and
-                bytes, from its metadata alone (no array data is read); PATH
-                is a jaxflat checkpoint or a plain Orbax one (an item folder,
-                a CheckpointManager step folder, or a CheckpointManager
-                folder, whose latest step is shown)
+                bytes, and its non-array values, from its metadata alone (no
+                array data is read); PATH is a jaxflat checkpoint or a plain
+                Orbax one (an item folder, a CheckpointManager step folder,
+                or a CheckpointManager folder: its latest step, or --step N;
+                --item NAME picks an item, then keys inside it)
+  verify PATH   check every array of a jaxflat checkpoint against the hash
+                saved with it: exit 0 if all match, 1 with one line per
+                damaged array
 """
 
 from __future__ import annotations
@@ -104,108 +108,109 @@ def demo() -> None:
 Row = tuple[str, tuple[int, ...], str, int, int]  # path, shape, dtype, elements, bytes
 
 
-def _table(title: str, rows: list[Row]) -> None:
-    """Print one checkpoint's (path, shape, dtype, elements, bytes) rows and a total."""
+def _table(title: str, rows: list[Row], values: list[tuple[str, Any]]) -> None:
+    """Print one checkpoint's array rows, a total, and its non-array values."""
     from ._summary import _human
 
-    print(f"{title}: {len(rows)} arrays")
+    print(f"{title}: {len(rows)} arrays" + (f", {len(values)} other values" if values else ""))
     width = max((len(r[0]) for r in rows), default=10)
     for name, shape, dtype, n, nbytes in rows:
         print(f"  {name:<{width}}  {str(shape):<16} {dtype:<10} {n:>14_}  {_human(nbytes):>10}")
     total_elems = sum(r[3] for r in rows)
     total_bytes = sum(r[4] for r in rows)
     print(f"# Total: {total_elems:_} elements, {_human(total_bytes)}")
+    for name, value in values:
+        text = repr(value)
+        print(f"  {name} = {text if len(text) <= 200 else text[:197] + '...'}")
 
 
-def _jaxflat_rows(path: str) -> list[Row]:
+def _split(tree: Any, isarray: Any) -> tuple[list[tuple[str, Any]], list[tuple[str, Any]]]:
+    """(arrays, other values) of a tree, each with its key path."""
+    import jax
+
+    leaves = jax.tree_util.tree_flatten_with_path(tree, is_leaf=lambda x: x is None or isarray(x))[0]
+    named = [(jax.tree_util.keystr(kp) or "<root>", x) for kp, x in leaves]
+    return [r for r in named if isarray(r[1])], [r for r in named if not isarray(r[1])]
+
+
+def _jaxflat_table(path: Path, item: str | None) -> None:
+    from . import _codec, _orbax
     from ._checkpoint import read_meta
 
+    meta = read_meta(path)
+    entries = {id(e["abstract"]): e for e in meta["arrays"]}
+    tree = _codec.decode(meta["tree"], [e["abstract"] for e in meta["arrays"]])
+    tree = _orbax.select(tree, [k for k in (item or "").split("/") if k], str(path))
+    arrays, values = _split(tree, lambda x: id(x) in entries)
     rows: list[Row] = []
-    for e in read_meta(path)["arrays"]:
-        shape, stored = tuple(e["shape"]), e["stored"]
-        n = int(np.prod(shape, dtype=np.int64))
-        nbytes = int(np.prod(stored.shape, dtype=np.int64)) * np.dtype(stored.dtype).itemsize
-        rows.append((e["path"], shape, str(e["dtype"]), n, nbytes))
-    return rows
+    for name, x in arrays:
+        e = entries[id(x)]
+        n = int(np.prod(e["shape"], dtype=np.int64))
+        nbytes = int(np.prod(e["stored"].shape, dtype=np.int64)) * np.dtype(e["stored"].dtype).itemsize
+        rows.append((name, tuple(e["shape"]), str(e["dtype"]), n, nbytes))
+    _table(str(path), rows, values)
 
 
-def _orbax_items(path: Path) -> tuple[str, list[Path]] | None:
-    """The Orbax item folders at ``path`` (an item, a step of a
-    CheckpointManager, or a CheckpointManager's folder: its latest step)."""
-
-    def items(folder: Path) -> list[Path]:
-        if (folder / "_METADATA").is_file():
-            return [folder]
-        subs = sorted(p for p in folder.iterdir() if p.is_dir() and (p / "_METADATA").is_file())
-        return subs
-
-    if not path.is_dir():
-        return None
-    found = items(path)
-    if found:
-        return str(path), found
-    steps = sorted(
-        (int(p.name), p) for p in path.iterdir() if p.is_dir() and p.name.isdigit() and items(p)
-    )
-    if steps:
-        step, folder = steps[-1]
-        return f"{folder} (latest of {len(steps)} steps)", items(folder)
-    return None
-
-
-def _orbax_rows(item: Path) -> list[Row]:
-    """Rows from Orbax's own metadata (``_METADATA``, ``_sharding``): no array data."""
+def _orbax_table(path: Path, step: int | None, item: str | None) -> None:
+    """Rows from Orbax's own metadata (``_METADATA``): no array data read."""
     import jax
-    import orbax.checkpoint as ocp
 
-    from ._errors import LoadError
+    from . import _orbax
 
-    try:
-        with ocp.StandardCheckpointer() as ckptr:
-            meta = ckptr.metadata(item)
-    except Exception as e:  # Orbax raises many kinds; say which folder, in one line
-        first = str(e).splitlines()[0][:300] if str(e) else type(e).__name__
-        raise LoadError(f"inspect: {item}: cannot read its Orbax metadata: {first}") from e
-    tree = getattr(meta, "item_metadata", meta)
-    tree = getattr(tree, "tree", tree)
-    if tree is None:  # Orbax answers None when its files are missing or damaged
-        raise LoadError(f"inspect: {item}: no readable Orbax metadata (missing or damaged files)")
-
-    def isleaf(x: object) -> bool:
-        return hasattr(x, "shape") and hasattr(x, "dtype")
-
+    folder, keys, title = _orbax.resolve(path, step, item)
+    tree, is_json = _orbax.metadata(folder)
+    tree = _orbax.select(tree, keys, title)
+    arrays, values = _split(tree, _orbax.is_array)
+    if values and not is_json:  # the non-array values (ints, strings): read them, and no array
+        cut = jax.tree.map(lambda x: None if _orbax.is_array(x) else x, tree, is_leaf=_orbax.isleaf)
+        for k in reversed(keys):
+            cut = {k: cut}
+        got = _orbax.select(_orbax.restore(folder, cut), keys, title)
+        saved = {jax.tree_util.keystr(kp) or "<root>": v
+                 for kp, v in jax.tree_util.tree_flatten_with_path(got)[0]}
+        values = [(name, saved.get(name)) for name, _ in values]
     rows: list[Row] = []
-    for kp, leaf in jax.tree_util.tree_flatten_with_path(tree, is_leaf=isleaf)[0]:
-        name = jax.tree_util.keystr(kp)
-        if not isleaf(leaf):
-            rows.append((name, (), type(leaf).__name__, 0, 0))
-            continue
+    for name, leaf in arrays:
         shape = tuple(int(n) for n in leaf.shape)
         dtype = np.dtype(leaf.dtype)
         n = int(np.prod(shape, dtype=np.int64))
         rows.append((name, shape, str(dtype), n, n * dtype.itemsize))
-    return rows
+    _table(f"{title} (Orbax)", rows, values)
 
 
-def inspect(path: str) -> None:
+def inspect(path: str, step: int | None = None, item: str | None = None) -> None:
     """Print a checkpoint's tree from its metadata alone (no array data).
 
     Reads jaxflat checkpoints (``jaxflat.json``) and plain Orbax ones
-    (``_METADATA``): an item folder, a ``CheckpointManager`` step folder (one
-    table per item) or a ``CheckpointManager`` folder (its latest step).
+    (``_METADATA``): an item folder, a ``CheckpointManager`` step folder or a
+    ``CheckpointManager`` folder (its latest step, or ``step``); ``item``
+    picks an item of a step with several, then keys inside it.
     """
-    from ._checkpoint import META
+    from . import _store
 
-    p = Path(path)
-    if not (p / META).exists():
-        found = _orbax_items(p.absolute())
-        if found is not None:
-            where, items = found
-            for item in items:
-                title = where if item == Path(where) else f"{where}: item {item.name!r}"
-                _table(f"{title} (Orbax)", _orbax_rows(item))
-            return
-    _table(path, _jaxflat_rows(path))
+    p = Path(path).absolute()
+    if _store.is_checkpoint(p) or (p / _store.LOCK).exists():
+        if step is not None:
+            raise ValueError(f"{p} is a jaxflat checkpoint, which has no steps: drop --step")
+        _jaxflat_table(p, item)
+    elif not p.is_dir():
+        raise FileNotFoundError(f"no checkpoint at {p} ({'nothing' if not p.exists() else 'a file'} there)")
+    else:
+        _orbax_table(p, step, item)
+
+
+def verify(path: str) -> list[str]:
+    """The damaged arrays of a jaxflat checkpoint, one line each (none: intact)."""
+    import jaxflat
+
+    from ._errors import LoadError
+
+    try:
+        jaxflat.load(path, verify=True)
+    except LoadError as e:
+        lines = str(e).splitlines()
+        return [line.strip() for line in lines[1:]] or lines
+    return []
 
 
 def _prog() -> str:
@@ -225,21 +230,43 @@ def main(argv: list[str] | None = None) -> int:
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     parser.add_argument("--version", action="version", version=f"jaxflat {__version__}")
-    sub = parser.add_subparsers(dest="cmd", required=True, metavar="{demo,inspect}")
-    sub.add_parser("demo", help="the flat-and-nested walk-through on a small NNX model")
-    p = sub.add_parser("inspect", help="a checkpoint's tree, from metadata only")
+    sub = parser.add_subparsers(dest="cmd", required=True, metavar="{demo,inspect,verify}")
+    sub.add_parser(
+        "demo",
+        help="the flat-and-nested walk-through on a small NNX model",
+        description="Run jaxflat's walk-through on a small Flax NNX model: destructure, "
+        "rebuild, gradients flat and nested, a Hessian, modules, save and load. "
+        "No arguments, no network.",
+    )
+    p = sub.add_parser("inspect", help="a checkpoint's tree, from metadata only",
+                       description="A checkpoint's arrays (key path, shape, dtype, elements, "
+                       "bytes) and non-array values, without reading array data.")
     p.add_argument("path", help="a jaxflat checkpoint, or an Orbax item, step or manager folder")
+    p.add_argument("--step", type=int, default=None, help="a step of a CheckpointManager folder")
+    p.add_argument("--item", default=None, help="an item of a step, then /-separated keys inside")
+    v = sub.add_parser("verify", help="check a jaxflat checkpoint's arrays against their hashes",
+                       description="Read every array of a jaxflat checkpoint and check it "
+                       "against the CRC-32 saved with it; exit 1 with one line per damaged array.")
+    v.add_argument("path", help="a jaxflat checkpoint")
     args = parser.parse_args(argv)
     if args.cmd == "demo":
         demo()
-    else:
-        try:
-            inspect(args.path)
-        except (OSError, ValueError) as e:  # LoadError is a ValueError
-            text = "; ".join(line.strip() for line in str(e).splitlines() if line.strip())
-            print(f"error: {text or type(e).__name__}", file=sys.stderr)
-            return 1
-    return 0
+        return 0
+    try:
+        if args.cmd == "inspect":
+            inspect(args.path, args.step, args.item)
+            return 0
+        damaged = verify(args.path)
+    except (OSError, ValueError) as e:  # LoadError is a ValueError
+        text = "; ".join(line.strip() for line in str(e).splitlines() if line.strip())
+        text = text.removeprefix("load: ")
+        print(f"error: {text or type(e).__name__}", file=sys.stderr)
+        return 1
+    for line in damaged:
+        print(f"damaged: {line}")
+    if not damaged:
+        print(f"{args.path}: every array matches its hash")
+    return 1 if damaged else 0
 
 
 if __name__ == "__main__":

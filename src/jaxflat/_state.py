@@ -114,8 +114,17 @@ class _Matcher:
         fr = walk_.frames[item[1]]
         return {P.keyname(k): (k, it) for k, it in zip(fr.keys, fr.items, strict=True) if not _hidden(it)}
 
+    def _unvalue(self, s: Item) -> Item:
+        """``{"value": x}`` (Orbax's layout of an nnx.State) stands for ``x``."""
+        named = self._named(self.src, s)
+        if list(named) == ["value"] and isinstance(self._value(s), dict):
+            return named["value"][1]
+        return s
+
     def _item(self, d: Item, s: Item, path: tuple[Any, ...]) -> None:
         kind, i = d
+        if kind == LEAF and _isarray(self.w.leaves[i]) or kind == FRAME and _nnx.is_variable(self.w.frames[i].node):
+            s = self._unvalue(s)
         if kind == LEAF:
             self._leaf(i, self.w.leaves[i], s, path)
         elif kind == EMPTY:
