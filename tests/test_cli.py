@@ -6,6 +6,7 @@ import sys
 import time
 from pathlib import Path
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -123,12 +124,22 @@ def manager_folder(tmp_path):
 @pytest.fixture
 def no_array_reads(monkeypatch):
     import orbax.checkpoint as ocp
+    from orbax.checkpoint import metadata as om
 
     def refuse(*args, **kwargs):
         raise AssertionError("inspect must not read array data")
 
+    real = ocp.PyTreeCheckpointer.restore
+
+    def values_only(self, directory, *args, **kwargs):  # Python scalars and strings may be read
+        leaves = jax.tree.leaves(kwargs["args"].item)
+        if any(isinstance(x, om.ArrayMetadata) and not isinstance(x, om.ScalarMetadata) or hasattr(x, "sharding")
+               and not isinstance(x, om.ScalarMetadata) for x in leaves):
+            refuse()
+        return real(self, directory, *args, **kwargs)
+
     monkeypatch.setattr(ocp.StandardCheckpointer, "restore", refuse)
-    monkeypatch.setattr(ocp.PyTreeCheckpointer, "restore", refuse)
+    monkeypatch.setattr(ocp.PyTreeCheckpointer, "restore", values_only)
 
 
 def _rows(out):
@@ -140,12 +151,12 @@ def test_inspect_reads_orbax_checkpoint_manager_folders(manager_folder, capsys, 
     path = {"step": manager_folder / "2", "item": manager_folder / "2" / "default", "manager": manager_folder}[where]
     assert main(["inspect", str(path)]) == 0
     out = capsys.readouterr().out
-    assert "(Orbax): 3 arrays" in out
+    assert "(Orbax): 2 arrays, 1 other values" in out
     rows = _rows(out)
     assert rows["['params']['w']"][:4] == ["(3,", "4)", "float32", "12"]
     assert rows["['params']['b']"][:3] == ["(4,)", "float16", "4"]
-    assert rows["['step']"][:3] == ["()", "int64", "1"]
-    assert "# Total: 17 elements, 64 bytes" in out
+    assert "  ['step'] = 2" in out.splitlines()  # a Python int, shown with its value
+    assert "# Total: 16 elements, 56 bytes" in out
     if where == "manager":
         assert "latest of 2 steps" in out and str(manager_folder / "2") in out
 
@@ -225,3 +236,55 @@ def test_prog_follows_how_it_was_run(monkeypatch, capsys, argv0, prog):
         main()
     assert info.value.code == 0
     assert capsys.readouterr().out.startswith(f"usage: {prog} ")
+
+
+# ------------------------------------------------------------ issue 15: --step, --item, values, odd paths
+
+
+def test_inspect_shows_non_array_values_of_a_jaxflat_checkpoint(tmp_path, capsys):
+    jaxflat.save(tmp_path / "c", {"w": jnp.ones(2), "step": 7, "name": "run", "opt": {"lr": 0.5}})
+    assert main(["inspect", str(tmp_path / "c")]) == 0
+    out = capsys.readouterr().out
+    assert "1 arrays, 3 other values" in out
+    assert "  ['step'] = 7" in out and "  ['name'] = 'run'" in out and "  ['opt']['lr'] = 0.5" in out
+    assert main(["inspect", str(tmp_path / "c"), "--item", "opt"]) == 0
+    out = capsys.readouterr().out
+    assert "0 arrays, 1 other values" in out and "  ['lr'] = 0.5" in out
+
+
+def test_inspect_step_and_item_of_a_manager(manager_folder, capsys, no_array_reads):
+    assert main(["inspect", str(manager_folder), "--step", "1", "--item", "params"]) == 0
+    out = capsys.readouterr().out
+    assert str(manager_folder / "1") in out and "latest" not in out
+    assert set(_rows(out)) == {"['w']", "['b']"}
+    assert main(["inspect", str(manager_folder), "--step", "0"]) == 1
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "has no step 0; its steps: 1, 2" in err
+
+
+def test_inspect_composite_json_item(tmp_path, capsys):
+    import orbax.checkpoint as ocp
+
+    with ocp.CheckpointManager(tmp_path / "m") as mngr:
+        mngr.save(3, args=ocp.args.Composite(
+            state=ocp.args.StandardSave({"w": jnp.ones(2)}), meta=ocp.args.JsonSave({"lr": 0.1})))
+        mngr.wait_until_finished()
+    assert main(["inspect", str(tmp_path / "m"), "--item", "meta"]) == 0
+    assert "  ['lr'] = 0.1" in capsys.readouterr().out
+    assert main(["inspect", str(tmp_path / "m")]) == 1
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "pass item= one of: meta, state" in err
+
+
+@pytest.mark.parametrize("where", ["/", "/dev/null", "/proc/self"])
+def test_inspect_odd_paths_give_one_clean_line(where, capsys):
+    assert main(["inspect", where]) == 1
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and err.startswith("error: ") and "load:" not in err, err
+
+
+def test_demo_help_has_a_description():
+    out = subprocess.run(
+        [sys.executable, "-m", "jaxflat", "demo", "--help"], capture_output=True, text=True, timeout=120
+    )
+    assert out.returncode == 0 and "walk-through on a small Flax NNX model" in out.stdout.replace("\n", " ")

@@ -296,7 +296,6 @@ def _load_orbax(path: Path, like: Any, step: int | None, item: str | None) -> An
     isarray = [orbax.is_array(x) for x in leaves]
     dev = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
     targets = [f.update(sharding=dev) if a else x for f, x, a in zip(flat, leaves, isarray, strict=True)]
-    scalars: set[int] = set()  # saved as Python scalars, loaded into arrays
     if like is not None:
         m = match(like, jax.tree.unflatten(treedef, flat))
         raise_all(f"load: {title} does not fit `like`", m.problems)
@@ -304,7 +303,6 @@ def _load_orbax(path: Path, like: Any, step: int | None, item: str | None) -> An
         for leaf, (s, _) in m.assigned.items():
             i, d = index.get(id(s)), m.w.leaves[leaf]
             if i is None or not isarray[i]:
-                scalars.update(() if i is None else (i,))
                 continue
             sharding = None if isinstance(d, np.ndarray) else getattr(d, "sharding", None) or dev
             targets[i] = jax.ShapeDtypeStruct(flat[i].shape, d.dtype, sharding=sharding)
@@ -315,11 +313,7 @@ def _load_orbax(path: Path, like: Any, step: int | None, item: str | None) -> An
         got = orbax.select(orbax.restore(folder, wrapped), keys, title)
     except Exception as e:
         raise LoadError(f"load: {title}: cannot restore it: {_first_line(e)}") from e
-    if like is None:
-        return got
-    values, treedef = jax.tree.flatten(got)
-    values = [np.asarray(x) if i in scalars else x for i, x in enumerate(values)]
-    return loadmodel(like, jax.tree.unflatten(treedef, values))
+    return got if like is None else loadmodel(like, got)
 
 
 def load(path: str | os.PathLike[str], /, like: Any = None, *, step: int | None = None,

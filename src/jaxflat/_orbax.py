@@ -118,17 +118,13 @@ def metadata(folder: Path) -> tuple[Any, bool]:
 def is_array(x: Any) -> bool:
     from orbax.checkpoint import metadata as om
 
-    return isinstance(x, om.ArrayMetadata)
+    return isinstance(x, om.ArrayMetadata) and not isinstance(x, om.ScalarMetadata)
 
 
 def abstract(x: Any) -> Any:
-    """A metadata leaf as a ``jax.ShapeDtypeStruct`` (arrays and scalars),
-    or as itself (strings)."""
-    from orbax.checkpoint import metadata as om
-
-    if isinstance(x, om.ArrayMetadata | om.ScalarMetadata):
-        return jax.ShapeDtypeStruct(tuple(x.shape), x.dtype)
-    return x
+    """An array's metadata as a ``jax.ShapeDtypeStruct``; a Python scalar's
+    or a string's as itself (a non-array leaf, as in a jaxflat checkpoint)."""
+    return jax.ShapeDtypeStruct(tuple(x.shape), x.dtype) if is_array(x) else x
 
 
 def restore(folder: Path, target: Any) -> Any:

@@ -233,6 +233,8 @@ def reading(path: Path, parse: Callable[[str], tuple[Any, str]]) -> Iterator[tup
             if read_text(path / META) == text:
                 raise LoadError(f"{path}: corrupt checkpoint: its folder {version}/ is missing") from None
             continue  # replaced and removed since the pointer was read
+        except OSError as e:
+            raise LoadError(f"{folder} is not a folder (a link, or a file): {e.strerror}") from None
         try:
             if _flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB) is False or read_text(path / META) != text:
                 continue  # being removed, or no longer current: read the new one
