@@ -3,7 +3,10 @@
 Each operation runs in a fresh process, so its peak RSS is its own:
     python benchmarks/checkpoint_400mb.py [--mb 400] [--reps 3]
 Prints a markdown table: median seconds, peak RSS growth over the model
-itself (MiB), and the ratio to the plain-Orbax equivalent.
+itself (MiB), and the ratio to the plain-Orbax equivalent. ``load`` checks
+every array's CRC-32 (the default) or not (``verify=False``); the
+"(sharded)" rows restore the model laid out over 8 simulated CPU devices
+(a 2x4 mesh), from a jaxflat checkpoint and from a plain Orbax one.
 """
 
 from __future__ import annotations
@@ -24,14 +27,23 @@ OPS = {
     "jaxflat.save": "orbax save",
     "orbax save": None,
     "jaxflat.load(like)": "orbax restore(target)",
+    "jaxflat.load(like, verify=False)": "orbax restore(target)",
     "jaxflat.load()": "orbax restore(target)",
     "orbax restore(target)": None,
+    "jaxflat.load(like) (sharded)": "orbax restore(target) (sharded)",
+    "jaxflat.load(like, verify=False) (sharded)": "orbax restore(target) (sharded)",
+    "jaxflat.load(orbax ckpt, like) (sharded)": "orbax restore(target) (sharded)",
+    "orbax restore(target) (sharded)": None,
     "jaxflat.loadmodel(dst, state)": "tree.map(device_put)",
     "tree.map(device_put)": None,
 }
 
 
 def child(op: str, mb: int, folder: str, warm: int = 0) -> None:
+    import os
+
+    if "sharded" in op:
+        os.environ["XLA_FLAGS"] = "--xla_force_host_platform_device_count=8"
     import jax
     import jax.numpy as jnp
     import numpy as np
@@ -44,6 +56,10 @@ def child(op: str, mb: int, folder: str, warm: int = 0) -> None:
     tree = {f"layer{i:03d}": {"w": jnp.full((size,), i, jnp.float32)} for i in range(n)}
     jax.block_until_ready(tree)
     path = Path(folder)
+    if "sharded" in op:  # each leaf (4 * k, n) laid out over a 2x4 mesh
+        mesh = jax.sharding.Mesh(np.array(jax.devices()).reshape(2, 4), ("a", "b"))
+        spec = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec("a", "b"))
+        tree = jax.tree.map(lambda x: jax.device_put(x.reshape(8, -1), spec), tree)
     abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), tree)
     host = jax.tree.map(np.asarray, tree)
     if op.startswith(("jaxflat.load", "orbax restore")):  # needs a checkpoint on disk
@@ -53,9 +69,10 @@ def child(op: str, mb: int, folder: str, warm: int = 0) -> None:
         ckptr.wait_until_finished()
     del tree
     if warm:  # every op, interleaved, `warm` times in this one process: medians
-        times: dict[str, list[float]] = {o: [] for o in OPS}
+        ops = [o for o in OPS if "sharded" not in o]
+        times: dict[str, list[float]] = {o: [] for o in ops}
         for _ in range(warm):
-            for o in OPS:
+            for o in ops:
                 t0 = time.perf_counter()
                 run(o, path, host, abstract)
                 times[o].append(time.perf_counter() - t0)
@@ -81,11 +98,15 @@ def run(op: str, path: Path, host: Any, abstract: Any) -> None:
         ckptr = ocp.StandardCheckpointer()
         ckptr.save(path / "ob", host_tree(host), force=True)
         ckptr.wait_until_finished()
-    elif op == "jaxflat.load(like)":
+    elif op.startswith("jaxflat.load(like)"):
         jax.block_until_ready(jaxflat.load(path / "jf", like=abstract))
+    elif op.startswith("jaxflat.load(like, verify=False)"):
+        jax.block_until_ready(jaxflat.load(path / "jf", like=abstract, verify=False))
+    elif op.startswith("jaxflat.load(orbax ckpt, like)"):
+        jax.block_until_ready(jaxflat.load(path / "ob", like=abstract))
     elif op == "jaxflat.load()":
         jax.block_until_ready(jaxflat.load(path / "jf"))
-    elif op == "orbax restore(target)":
+    elif op.startswith("orbax restore(target)"):
         jax.block_until_ready(ocp.StandardCheckpointer().restore(path / "ob", abstract))
     elif op == "jaxflat.loadmodel(dst, state)":
         jax.block_until_ready(jaxflat.loadmodel(abstract, host))
@@ -149,8 +170,12 @@ def main() -> None:
     print("| operation | seconds | vs baseline |")
     print("|---|---|---|")
     for op, base in OPS.items():
-        ratio = f"{warm[op] / warm[base]:.2f}x {base}" if base else ""
-        print(f"| {op} | {warm[op]:.3f} | {ratio} |")
+        if op in warm:
+            ratio = f"{warm[op] / warm[base]:.2f}x {base}" if base else ""
+            print(f"| {op} | {warm[op]:.3f} | {ratio} |")
+    check = warm["jaxflat.load(like)"] - warm["jaxflat.load(like, verify=False)"]
+    print(f"\nHash check (warm): {check:.3f} s = {100 * check / warm['jaxflat.load(like)']:.1f}% "
+          "of jaxflat.load(like)")
 
 
 if __name__ == "__main__":
