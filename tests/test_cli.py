@@ -288,3 +288,9 @@ def test_demo_help_has_a_description():
         [sys.executable, "-m", "jaxflat", "demo", "--help"], capture_output=True, text=True, timeout=120
     )
     assert out.returncode == 0 and "walk-through on a small Flax NNX model" in out.stdout.replace("\n", " ")
+
+
+def test_verify_of_a_plain_orbax_checkpoint_says_it_has_no_hashes(manager_folder, capsys):
+    assert main(["verify", str(manager_folder)]) == 1
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "plain Orbax checkpoints carry no hashes" in err

@@ -203,8 +203,11 @@ def verify(path: str) -> list[str]:
     """The damaged arrays of a jaxflat checkpoint, one line each (none: intact)."""
     import jaxflat
 
+    from . import _store
     from ._errors import LoadError
 
+    if not _store.is_checkpoint(Path(path).absolute()):
+        raise FileNotFoundError(f"no jaxflat checkpoint at {path} (plain Orbax checkpoints carry no hashes)")
     try:
         jaxflat.load(path, verify=True)
     except LoadError as e:

@@ -168,11 +168,10 @@ def save(path: str | os.PathLike[str], tree: Any, /, *, overwrite: bool = False)
             if leader:
                 store.discard(path, version, created)
             if isinstance(e, Exception) and _no_space(e):
-                first = str(e).splitlines()[0][:300] if str(e) else type(e).__name__
                 raise OSError(
                     errno.ENOSPC,
                     f"save: no space left on device while writing {path}; the partial "
-                    f"checkpoint was removed and the old one, if any, kept ({first})",
+                    f"checkpoint was removed and the old one, if any, kept ({orbax.first_line(e)})",
                 ) from e
             raise
     _sync("jaxflat.save.done")
@@ -208,10 +207,6 @@ def _zeros(target: jax.ShapeDtypeStruct) -> Any:
     return jax.make_array_from_callback(target.shape, target.sharding, lambda idx: x[idx])
 
 
-def _first_line(e: BaseException) -> str:
-    return str(e).splitlines()[0][:300] if str(e) else type(e).__name__
-
-
 def _read_arrays(folder: Path, path: Path, entries: list[dict[str, Any]],
                  targets: dict[int, Any], verify: bool) -> dict[int, Any]:
     """Restore ``targets`` (entry index -> ShapeDtypeStruct) and check their
@@ -224,14 +219,14 @@ def _read_arrays(folder: Path, path: Path, entries: list[dict[str, Any]],
         out.update({i: _at(restored, entries[i]["key"]) for i in stored})
     except Exception as e:  # Orbax / tensorstore: damaged, truncated or missing files
         if not verify:
-            raise LoadError(f"load: {path}: corrupt or incomplete checkpoint: {_first_line(e)}") from e
+            raise LoadError(f"load: {path}: corrupt or incomplete checkpoint: {orbax.first_line(e)}") from e
         for i, t in stored.items():  # which arrays? one at a time
             try:
                 out[i] = _at(orbax.restore(folder, _nest(entries, {i: t})), entries[i]["key"])
             except Exception as e1:
-                problems.append(f"{entries[i]['path']}: unreadable ({_first_line(e1)})")
+                problems.append(f"{entries[i]['path']}: unreadable ({orbax.first_line(e1)})")
         if not problems:
-            raise LoadError(f"load: {path}: corrupt or incomplete checkpoint: {_first_line(e)}") from e
+            raise LoadError(f"load: {path}: corrupt or incomplete checkpoint: {orbax.first_line(e)}") from e
     if verify:
         check = [i for i in stored if i in out and entries[i].get("crc32") is not None]
         with ThreadPoolExecutor(_THREADS) as pool:
@@ -282,38 +277,6 @@ def _load_jaxflat(path: Path, like: Any, keys: list[str], verify: bool) -> Any:
         e = entries[i]
         arrays[i] = jax.random.wrap_key_data(x, impl=e["impl"]) if e["kind"] == "key" else x
     return orbax.select(codec.decode(meta["tree"], arrays), keys, str(path))
-
-
-def _load_orbax(path: Path, like: Any, step: int | None, item: str | None) -> Any:
-    folder, keys, title = orbax.resolve(path, step, item)
-    tree, is_json = orbax.metadata(folder)
-    if is_json:
-        value = orbax.select(tree, keys, title)
-        return value if like is None else loadmodel(like, value)
-    meta = orbax.select(tree, keys, title)
-    leaves, treedef = jax.tree.flatten(meta, is_leaf=orbax.isleaf)
-    flat = [orbax.abstract(x) for x in leaves]
-    isarray = [orbax.is_array(x) for x in leaves]
-    dev = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
-    targets = [f.update(sharding=dev) if a else x for f, x, a in zip(flat, leaves, isarray, strict=True)]
-    if like is not None:
-        m = match(like, jax.tree.unflatten(treedef, flat))
-        raise_all(f"load: {title} does not fit `like`", m.problems)
-        index = {id(x): i for i, x in enumerate(flat)}
-        for leaf, (s, _) in m.assigned.items():
-            i, d = index.get(id(s)), m.w.leaves[leaf]
-            if i is None or not isarray[i]:
-                continue
-            sharding = None if isinstance(d, np.ndarray) else getattr(d, "sharding", None) or dev
-            targets[i] = jax.ShapeDtypeStruct(flat[i].shape, d.dtype, sharding=sharding)
-    wrapped: Any = jax.tree.unflatten(treedef, targets)
-    for k in reversed(keys):
-        wrapped = {k: wrapped}
-    try:
-        got = orbax.select(orbax.restore(folder, wrapped), keys, title)
-    except Exception as e:
-        raise LoadError(f"load: {title}: cannot restore it: {_first_line(e)}") from e
-    return got if like is None else loadmodel(like, got)
 
 
 def load(path: str | os.PathLike[str], /, like: Any = None, *, step: int | None = None,
@@ -375,4 +338,4 @@ def load(path: str | os.PathLike[str], /, like: Any = None, *, step: int | None 
         except FileNotFoundError as e:
             raise FileNotFoundError(f"load: {e}") from None
         return tree if like is None else loadmodel(like, tree)
-    return _load_orbax(p, like, step, item)
+    return orbax.load(p, like, step, item)

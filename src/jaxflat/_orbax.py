@@ -10,9 +10,15 @@ from typing import Any
 import jax
 import numpy as np
 
-from ._errors import LoadError
+from ._errors import LoadError, raise_all
+from ._state import loadmodel, match
 
 SAVE_LOCK = threading.RLock()  # Orbax saves from several threads at once fail; take turns
+
+
+def first_line(e: BaseException) -> str:
+    """An exception's first line, for one-line messages (Orbax's run long)."""
+    return str(e).splitlines()[0][:300] if str(e) else type(e).__name__
 
 
 def _is_item(folder: Path) -> bool:
@@ -107,8 +113,7 @@ def metadata(folder: Path) -> tuple[Any, bool]:
         with ocp.PyTreeCheckpointer() as ckptr:
             meta = ckptr.metadata(folder)
     except Exception as e:  # Orbax raises many kinds; say which folder, in one line
-        first = str(e).splitlines()[0][:300] if str(e) else type(e).__name__
-        raise LoadError(f"{folder}: cannot read its Orbax metadata: {first}") from e
+        raise LoadError(f"{folder}: cannot read its Orbax metadata: {first_line(e)}") from e
     tree = getattr(getattr(meta, "item_metadata", meta), "tree", None)
     if tree is None:  # Orbax answers None when its files are missing or damaged
         raise LoadError(f"{folder}: no readable Orbax metadata (missing or damaged files)")
@@ -145,3 +150,36 @@ def restore(folder: Path, target: Any) -> Any:
         return ckptr.restore(
             folder, args=ocp.args.PyTreeRestore(item=target, restore_args=restore_args, partial_restore=True)
         )
+
+
+def load(path: Path, like: Any, step: int | None, item: str | None) -> Any:
+    """Restore (part of) a plain Orbax checkpoint, into ``like`` if given."""
+    folder, keys, title = resolve(path, step, item)
+    tree, is_json = metadata(folder)
+    if is_json:
+        value = select(tree, keys, title)
+        return value if like is None else loadmodel(like, value)
+    meta = select(tree, keys, title)
+    leaves, treedef = jax.tree.flatten(meta, is_leaf=isleaf)
+    flat = [abstract(x) for x in leaves]
+    isarray = [is_array(x) for x in leaves]
+    dev = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+    targets = [f.update(sharding=dev) if a else x for f, x, a in zip(flat, leaves, isarray, strict=True)]
+    if like is not None:
+        m = match(like, jax.tree.unflatten(treedef, flat))
+        raise_all(f"load: {title} does not fit `like`", m.problems)
+        index = {id(x): i for i, x in enumerate(flat)}
+        for leaf, (s, _) in m.assigned.items():
+            i, d = index.get(id(s)), m.w.leaves[leaf]
+            if i is None or not isarray[i]:
+                continue
+            sharding = None if isinstance(d, np.ndarray) else getattr(d, "sharding", None) or dev
+            targets[i] = jax.ShapeDtypeStruct(flat[i].shape, d.dtype, sharding=sharding)
+    wrapped: Any = jax.tree.unflatten(treedef, targets)
+    for k in reversed(keys):
+        wrapped = {k: wrapped}
+    try:
+        got = select(restore(folder, wrapped), keys, title)
+    except Exception as e:
+        raise LoadError(f"load: {title}: cannot restore it: {first_line(e)}") from e
+    return got if like is None else loadmodel(like, got)
