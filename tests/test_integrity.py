@@ -312,3 +312,30 @@ def test_full_disk_while_committing_keeps_the_old_checkpoint(tmp_path, monkeypat
     monkeypatch.undo()
     np.testing.assert_array_equal(jaxflat.load(path)["w"], np.ones(2))
     assert len(list(path.iterdir())) == 3
+
+
+@pytest.mark.parametrize("spec", [("a", "b"), (None, "b"), ("b", None)])
+def test_crc_of_a_sharded_array_streams_rows_and_equals_the_whole(monkeypatch, spec):
+    from jax.sharding import Mesh, NamedSharding, PartitionSpec
+
+    mesh = Mesh(np.array(jax.devices()).reshape(2, 4), ("a", "b"))
+    x = jnp.arange(64 * 24, dtype=jnp.float32).reshape(64, 24)
+    sharded = jax.device_put(x, NamedSharding(mesh, PartitionSpec(*spec)))
+    monkeypatch.setattr(_codec, "HASH_BLOCK", 24 * 4 * 5)  # 5 rows a block: 13 blocks
+    assert _codec.crc(sharded) == _codec.crc(np.asarray(x))
+
+
+def test_a_sharded_load_is_verified(tmp_path):
+    from jax.sharding import Mesh, NamedSharding, PartitionSpec
+
+    mesh = Mesh(np.array(jax.devices()).reshape(2, 4), ("a", "b"))
+    sharding = NamedSharding(mesh, PartitionSpec("a", "b"))
+    path = tmp_path / "ckpt"
+    tree = {"w": jnp.asarray(np.random.default_rng(1).integers(0, 2**32, (64, 128), dtype=np.uint32))}
+    jaxflat.save(path, tree)
+    like = {"w": jax.ShapeDtypeStruct((64, 128), jnp.uint32, sharding=sharding)}
+    assert jaxflat.load(path, like=like)["w"].sharding == sharding
+    file, offset = _where_stored(path, tree["w"])
+    _flip(file, offset, 4)
+    with pytest.raises(LoadError, match=re.escape("['w']")):
+        jaxflat.load(path, like=like)

@@ -40,13 +40,14 @@ class Corrupt(ValueError):
 def crc(x: Any) -> int | None:
     """CRC-32 of an array's bytes in C order (zlib, 3 GB/s, releases the GIL).
 
-    A sharded array is read in blocks of leading rows of at most HASH_BLOCK
-    bytes, so it is never gathered whole on the host; one spread over
-    several processes is not hashed (None).
+    A sharded array larger than HASH_BLOCK bytes is read in blocks of
+    leading rows of at most that size, so it is never gathered whole on the
+    host; one spread over several processes is not hashed (None).
     """
     if isinstance(x, jax.Array) and not x.is_fully_addressable:
         return None  # spread over processes: not hashed
-    if isinstance(x, np.ndarray) or len(x.sharding.device_set) == 1 or x.ndim == 0:
+    small = x.ndim == 0 or x.dtype.itemsize * math.prod(x.shape) <= HASH_BLOCK
+    if isinstance(x, np.ndarray) or small or len(x.sharding.device_set) == 1:
         return zlib.crc32(np.ascontiguousarray(np.asarray(x)).view(np.uint8).data)
     row = max(1, x.dtype.itemsize * math.prod(x.shape[1:]))
     step = max(1, HASH_BLOCK // row)

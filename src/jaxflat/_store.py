@@ -241,8 +241,9 @@ def reading(path: Path, parse: Callable[[str], tuple[Any, str]]) -> Iterator[tup
             try:
                 yield meta, folder
             finally:
-                if read_text(path / META) != text and _flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB):
-                    shutil.rmtree(folder, ignore_errors=True)  # the last reader of an old version
+                with contextlib.suppress(OSError, LoadError):  # the last reader of an old version
+                    if read_text(path / META) != text and _flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB):
+                        shutil.rmtree(folder, ignore_errors=True)
             return
         finally:
             os.close(fd)
