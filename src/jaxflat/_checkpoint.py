@@ -163,6 +163,8 @@ def save(path: str | os.PathLike[str], tree: Any, /, *, overwrite: bool = False)
             if leader:
                 meta = {"format": codec.FORMAT, "version": version, "tree": structure, "arrays": entries}
                 store.commit(path, version, codec.dumps(meta), token)
+                if created:
+                    store.fsync(path.parent)  # the new folder's own entry
                 store.clean(path)
         except BaseException as e:
             if leader:
