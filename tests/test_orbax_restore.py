@@ -190,3 +190,14 @@ def test_item_inside_a_jaxflat_checkpoint(tmp_path):
     assert jaxflat.load(tmp_path / "ck", item="step") == 3
     with pytest.raises(ValueError, match="no steps"):
         jaxflat.load(tmp_path / "ck", step=1)
+
+
+def test_value_dicts_stand_for_arrays_and_variables_in_loadmodel():
+    dst = {"w": jnp.zeros(2), "lin": nnx.Linear(1, 2, rngs=nnx.Rngs(0))}
+    src = {"w": {"value": jnp.ones(2)},
+           "lin": {"kernel": {"value": jnp.full((1, 2), 3.0)}, "bias": {"value": jnp.ones(2)}}}
+    out = jaxflat.loadmodel(dst, src)
+    np.testing.assert_array_equal(out["w"], np.ones(2))
+    np.testing.assert_array_equal(out["lin"].kernel[...], np.full((1, 2), 3.0))
+    with pytest.raises(LoadError, match=re.escape("['w']: cannot load dict")):
+        jaxflat.loadmodel(dst, {**src, "w": {"value": jnp.ones(2), "other": 1}})  # only a lone "value"
