@@ -275,6 +275,8 @@ def loadmodel(dst: T, src: Any, /) -> T:
     (None, or False): an all-zero array may be loaded into one, a non-zero
     one may not; None/False loaded into an array zeros it, True is an error.
     A shared (tied) ``dst`` node must receive equal values from every place.
+    A ``{"value": x}`` in ``src`` (Orbax's layout of an ``nnx.State``) stands
+    for ``x`` where ``dst`` holds an array or an ``nnx.Variable``.
 
     Raises:
       LoadError: listing the key path of every mismatch at once: names on
