@@ -4,7 +4,7 @@ Each operation runs in a fresh process, so its peak RSS is its own:
     python benchmarks/checkpoint_400mb.py [--mb 400] [--reps 3]
 Prints a markdown table: median seconds, peak RSS growth over the model
 itself (MiB), and the ratio to the plain-Orbax equivalent. ``load`` checks
-every array's CRC-32 (the default) or not (``verify=False``); the
+every array's 64-bit hash (the default) or not (``verify=False``); the
 "(sharded)" rows restore the model laid out over 8 simulated CPU devices
 (a 2x4 mesh), from a jaxflat checkpoint and from a plain Orbax one.
 """

@@ -249,7 +249,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--item", default=None, help="an item of a step, then /-separated keys inside")
     v = sub.add_parser("verify", help="check a jaxflat checkpoint's arrays against their hashes",
                        description="Read every array of a jaxflat checkpoint and check it "
-                       "against the CRC-32 saved with it; exit 1 with one line per damaged array.")
+                       "against the hash saved with it; exit 1 with one line per damaged array.")
     v.add_argument("path", help="a jaxflat checkpoint")
     args = parser.parse_args(argv)
     if args.cmd == "demo":

@@ -2,7 +2,7 @@
 
 A jaxflat checkpoint is a folder (see ``_store``) holding ``jaxflat.json``,
 the description of the state (``_codec``: its structure, Python values, and
-each array's key path, shape, dtype and CRC-32, under a SHA-256 of the
+each array's key path, shape, dtype and 64-bit hash, under a SHA-256 of the
 whole), and ``arrays-<hex>/``, an ordinary Orbax item of the state's arrays
 keyed by their key paths (``{"layers": {"0": {"kernel": ...}}}``), which
 plain Orbax restores too. ``load`` also reads plain Orbax checkpoints
@@ -96,7 +96,7 @@ def save(path: str | os.PathLike[str], tree: Any, /, *, overwrite: bool = False)
     old. Integer dict keys, tuples, None, strings and Python numbers come
     back from :func:`load` as they went in (a ``str`` or ``int`` subclass
     key as plain ``str`` or ``int``); PRNG keys come back bit-exactly;
-    zero-size arrays too. A CRC-32 of every array's bytes and a SHA-256 of
+    zero-size arrays too. A 64-bit hash of every array's bytes and a SHA-256 of
     the description are stored, and :func:`load` checks them.
 
     The arrays are an ordinary Orbax item, ``path/arrays-<hex>`` (the
@@ -137,8 +137,8 @@ def save(path: str | os.PathLike[str], tree: Any, /, *, overwrite: bool = False)
     entries: list[dict[str, Any]] = []
     structure = codec.encode(state(tree), (), arrays, entries)
     with ThreadPoolExecutor(_THREADS) as pool:
-        for e, h in zip(entries, pool.map(codec.crc, arrays), strict=True):
-            e["crc32"] = h
+        for e, h in zip(entries, pool.map(codec.digest, arrays), strict=True):
+            e["hash"] = h
     items = _nest(entries, {i: a for i, a in enumerate(arrays) if a.size})
     leader = jax.process_index() == 0
     created = not os.path.lexists(path)
@@ -230,11 +230,11 @@ def _read_arrays(folder: Path, path: Path, entries: list[dict[str, Any]],
         if not problems:
             raise LoadError(f"load: {path}: corrupt or incomplete checkpoint: {orbax.first_line(e)}") from e
     if verify:
-        check = [i for i in stored if i in out and entries[i].get("crc32") is not None]
+        check = [i for i in stored if i in out and entries[i].get("hash") is not None]
         with ThreadPoolExecutor(_THREADS) as pool:
-            for i, h in zip(check, pool.map(lambda i: codec.crc(out[i]), check), strict=True):
-                if h is not None and h != entries[i]["crc32"]:
-                    problems.append(f"{entries[i]['path']}: its bytes do not match the CRC-32 saved with it")
+            for i, h in zip(check, pool.map(lambda i: codec.digest(out[i]), check), strict=True):
+                if h is not None and h != entries[i]["hash"]:
+                    problems.append(f"{entries[i]['path']}: its bytes do not match the hash saved with it")
     if problems:
         n = len(problems)
         lines = "\n".join(f"  {p}" for p in problems[:20]) + (f"\n  ... and {n - 20} more" if n > 20 else "")
@@ -260,7 +260,7 @@ def _targets(abstract: list[Any], entries: list[dict[str, Any]], used: list[int]
         if i is None or entries[i]["kind"] == "key":
             continue
         sharding = None if isinstance(d, np.ndarray) else getattr(d, "sharding", None) or dev
-        dtype = targets[i].dtype if verify and entries[i].get("crc32") is not None else d.dtype
+        dtype = targets[i].dtype if verify and entries[i].get("hash") is not None else d.dtype
         targets[i] = jax.ShapeDtypeStruct(targets[i].shape, dtype, sharding=sharding)
     return targets
 
@@ -304,7 +304,7 @@ def load(path: str | os.PathLike[str], /, like: Any = None, *, step: int | None 
       item: what to load: an item of a step with several items
         (``ocp.args.Composite``), then ``/``-separated keys inside the saved
         tree (``"params"``, ``"state/params"``).
-      verify: check the CRC-32 of every array and the SHA-256 of the
+      verify: check the hash of every array and the SHA-256 of the
         description that :func:`save` stored (plain Orbax checkpoints have
         none to check).
 

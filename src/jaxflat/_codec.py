@@ -4,7 +4,7 @@
 their types, Python scalars, strings, None) plus a list of array entries
 (key path, Orbax key, shape, dtype, kind, hash); ``decode`` rebuilds the tree
 from them without recursion, validating every node. ``dumps`` / ``loads``
-write and read the whole description with a SHA-256 of its own text; ``crc``
+write and read the whole description with a SHA-256 of its own text; ``digest``
 is the hash of an array's bytes. Nothing here touches the file system.
 """
 
@@ -14,7 +14,6 @@ import hashlib
 import json
 import math
 import re
-import zlib
 from collections.abc import Callable
 from typing import Any
 
@@ -35,24 +34,92 @@ class Corrupt(ValueError):
 
 
 # ---------------------------------------------------------------- hashing
+# An array's hash is a multilinear hash mod 2**64 of its bytes in C order:
+# the bytes, read as little-endian 64-bit words w_i (the last zero-padded)
+# in segments of SEGMENT words, give sum_j c_j * sum_i k_i * w_ji with fixed
+# odd keys k_i (splitmix64) and odd segment weights c_j, xor the byte
+# length. numpy's uint64 dot runs it at about 3x zlib's CRC-32 (measured on
+# 400 MB: 0.083 s against 0.264 s), the only way found to keep the check
+# under 10% of a load. Every single-bit (indeed single-word) change alters
+# it, because k_i and c_j are odd; so do moved words, segments and a
+# changed length, except with chance ~2**-64 for random damage. It is no
+# defence against deliberate tampering (see README).
+
+_MASK = 2**64 - 1
+SEGMENT = 1 << 16  # 64-bit words (512 KiB) per segment: fits a core's L2 cache
 
 
-def _bytes(x: Any) -> Any:
-    return np.ascontiguousarray(x).view(np.uint8).data
+def _splitmix64(n: int) -> Any:
+    """The first ``n`` outputs of splitmix64 (seed 0), made odd: fixed
+    keys that no numpy version can change."""
+    with np.errstate(over="ignore"):
+        z = np.arange(1, n + 1, dtype=np.uint64) * np.uint64(0x9E3779B97F4A7C15)
+        z = (z ^ (z >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
+        z = (z ^ (z >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
+        return (z ^ (z >> np.uint64(31))) | np.uint64(1)
 
 
-def crc(x: Any) -> int | None:
-    """CRC-32 of an array's bytes in C order (zlib: about 3 GB/s a core, and
-    it releases the GIL, so arrays are hashed in parallel threads).
+_KEYS = _splitmix64(SEGMENT)
+
+
+class Hasher:
+    """The hash of a byte stream fed in pieces of any size (``update``),
+    equal to that of the whole (``digest``)."""
+
+    def __init__(self) -> None:
+        self.value = self.segments = self.length = 0
+        self.pending = np.empty(0, np.uint8)
+
+    def _segment(self, words: Any) -> None:
+        dot = int(np.dot(words, _KEYS[: words.size]))
+        weight = (2 * self.segments + 1) * 0xD6E8FEB86659FD93
+        self.value = (self.value + weight * dot) & _MASK
+        self.segments += 1
+
+    def update(self, data: Any) -> None:
+        data = np.ascontiguousarray(data).reshape(-1).view(np.uint8)
+        self.length += data.size
+        full = 8 * SEGMENT
+        if self.pending.size:  # complete the segment begun by the last piece
+            take = full - self.pending.size
+            self.pending, data = np.concatenate([self.pending, data[:take]]), data[take:]
+            if self.pending.size < full:
+                return
+            self._segment(self.pending.view("<u8"))
+        n = data.size // full * full
+        for a in range(0, n, full):
+            self._segment(data[a : a + full].view("<u8"))
+        self.pending = data[n:].copy()
+
+    def digest(self) -> int:
+        if self.pending.size:
+            last = np.zeros(-(-self.pending.size // 8) * 8, np.uint8)
+            last[: self.pending.size] = self.pending
+            self._segment(last.view("<u8"))
+            self.pending = np.empty(0, np.uint8)
+        return (self.value ^ (self.length * 0x9E3779B97F4A7C15)) & _MASK
+
+
+def digest(x: Any) -> int | None:
+    """The hash of an array's bytes in C order (numpy releases the GIL in
+    its dot, so arrays are hashed in parallel threads).
 
     A jax array is read shard by shard (never gathered, and no host copy is
     left cached on it): shards split along the first axis are hashed in
     order as they are; others are assembled a block of at most HASH_BLOCK
     bytes of rows at a time. An array spread over several processes is not
     hashed (None).
+
+    Example:
+      >>> import numpy as np
+      >>> a = np.arange(6.0).reshape(2, 3)
+      >>> digest(a) == digest(a.copy()) != digest(a.T.copy())
+      True
     """
+    h = Hasher()
     if isinstance(x, np.ndarray):
-        return zlib.crc32(_bytes(x))
+        h.update(x)
+        return h.digest()
     if not x.is_fully_addressable:
         return None
     pieces: dict[tuple[tuple[int, int], ...], Any] = {}
@@ -60,20 +127,20 @@ def crc(x: Any) -> int | None:
         index = tuple(sl.indices(n)[:2] for sl, n in zip(shard.index, x.shape, strict=True))
         pieces.setdefault(index, shard)
     if x.ndim == 0:
-        return zlib.crc32(_bytes(np.asarray(next(iter(pieces.values())).data)))
-    value = 0
+        h.update(np.asarray(next(iter(pieces.values())).data))
+        return h.digest()
     for rows in sorted({k[0] for k in pieces}):
         group = [(k, np.asarray(s.data)) for k, s in pieces.items() if k[0] == rows]
         if len(group) == 1:  # whole rows: already in C order
-            value = zlib.crc32(_bytes(group[0][1]), value)
+            h.update(group[0][1])
             continue
         step = max(1, HASH_BLOCK // max(1, x.dtype.itemsize * math.prod(x.shape[1:])))
         for a in range(0, rows[1] - rows[0], step):
             block = np.empty((min(step, rows[1] - rows[0] - a), *x.shape[1:]), x.dtype)
             for k, host in group:
                 block[(slice(None), *(slice(*r) for r in k[1:]))] = host[a : a + step]
-            value = zlib.crc32(_bytes(block), value)
-    return value
+            h.update(block)
+    return h.digest()
 
 
 def dumps(meta: dict[str, Any]) -> str:
@@ -330,8 +397,8 @@ def _check_entry(e: Any, i: int) -> dict[str, Any]:
     key = e.get("key")
     if not isinstance(key, list) or not all(isinstance(k, str) and k for k in key):
         raise Corrupt(f"{name}: Orbax key {key!r:.60} is not a list of names")
-    if not (e.get("crc32") is None or _isint(e.get("crc32"))):
-        raise Corrupt(f"{name}: crc32 {e.get('crc32')!r:.20} is not an int")
+    if not (e.get("hash") is None or _isint(e.get("hash"))):
+        raise Corrupt(f"{name}: hash {e.get('hash')!r:.20} is not an int")
     shape = _shape(e.get("shape"), f"{name}: shape")
     stored_shape = _shape(e.get("stored_shape"), f"{name}: stored_shape")
     stored_dtype = _dtype(e.get("stored_dtype"), f"{name}: stored_dtype")
