@@ -18,7 +18,7 @@ from flax import nnx
 from helpers import assert_tree_equal
 
 import jaxflat
-from jaxflat import _destructure, _walk
+from jaxflat import _layout, _walk
 from jaxflat._errors import LoadError
 
 esc = re.escape
@@ -112,7 +112,7 @@ def test_caches_stay_bounded_over_many_structures():
         flat, re_ = jaxflat.destructure(_tree(i))
         re_(flat)
     assert len(_walk._STRUCTURES._items) <= _walk._STRUCTURES.size
-    assert len(_destructure._LAYOUTS._items) <= _destructure._LAYOUTS.size
+    assert len(_layout._LAYOUTS._items) <= _layout._LAYOUTS.size
     assert threading.active_count() == 1
 
 

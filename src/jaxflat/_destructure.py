@@ -10,19 +10,10 @@ import jax.numpy as jnp
 import numpy as np
 from jax import tree_util as jtu
 
-from . import _engine, _layout, _mesh
+from . import _engine, _layout, _mesh, _predicates, _walk
 from ._layout import ARRAY, CONST, Layout, LayoutEntry
-from ._walk import LRU, structure
 
 T = TypeVar("T")
-
-# Layouts, interned: an equal layout found here has the same key, so it is
-# the layout this call would build, and it carries the programs compiled
-# for it (``Layout.state``). Bounded at 64: a layout's compiled programs take
-# about 1.5 MiB of host memory on XLA:CPU and are freed with it (when no
-# ``Restructure`` holds it), so the cache holds at most ~100 MiB of programs.
-_LAYOUTS: LRU[Layout, Layout] = LRU(64)
-
 
 def clear_caches() -> None:
     """Forget every structure, layout and compiled program jaxflat keeps.
@@ -40,10 +31,8 @@ def clear_caches() -> None:
       >>> re(flat)["w"]
       Array([1., 1.], dtype=float32)
     """
-    from . import _layout, _mesh, _predicates, _walk
-
     _walk._STRUCTURES.clear()
-    _LAYOUTS.clear()
+    _layout._LAYOUTS.clear()
     _mesh._moves.cache_clear()
     _layout._CANONICAL.clear()
     _predicates._INEXACT.clear()
@@ -212,9 +201,16 @@ def destructure(
         ``re(v)`` projects each piece back: float64 into float32 rounds,
         complex into real keeps the real part.
       * Everything else (non-trainable arrays, ints, keys, functions,
-        strings, None) comes back from ``re`` as it was (jax arrays
-        committed to their device, so a jitted step that returns a new
-        ``re`` compiles once).
+        strings, None) comes back from ``re`` as it was.
+      * Commitment: ``flat`` (and ``re(v)``'s pieces) are committed to their
+        device exactly when a parameter (``v``) was, as ``jit`` would make
+        them, so a jitted step taking and returning ``(v, re, opt_state)``
+        compiles once.
+      * Abstract trees (``jax.ShapeDtypeStruct`` leaves, from
+        ``jax.eval_shape`` / ``nnx.eval_shape``): ``flat`` is a
+        ``jax.ShapeDtypeStruct`` of the length, dtype and sharding the real
+        tree would give, and ``re(v)`` puts a real ``v``'s parameters into
+        the planned tree (non-parameter leaves stay as they were).
       * Ties: an ``nnx.Variable`` or ``nnx.Module`` found at several places
         by identity is one set of parameters, stored once and rebuilt
         shared; its gradient is the sum over its uses. Equal arrays are not
@@ -237,7 +233,8 @@ def destructure(
       ``(flat, re)``: the 1-D ``jax.Array`` and the :class:`Restructure`.
 
     Raises:
-      TypeError: ``tree`` is a class, not an instance.
+      TypeError: ``tree`` is a class, not an instance; or a Flax Linen module
+        (its arrays are in ``variables["params"]``).
       ValueError: parameters on different devices; a trainable rule naming
         something that is not a child.
 
@@ -249,13 +246,11 @@ def destructure(
       >>> re(jnp.array([3, 5, 7 + 11j]))
       {'x': Array([3., 5.], dtype=float32), 'y': (<PjitFunction of <function sin at ...>>, Array([7.+11.j], dtype=complex64))}
     """
-    leaves, st = structure(tree)
-    root = "ArrayImpl" if isinstance(tree, jax.core.Tracer) else type(tree).__name__  # as eagerly
-    new = _layout.build(leaves, st, filter, sharding)
-    layout = _LAYOUTS.get(new) or _LAYOUTS.put(new, new)
+    leaves, layout = _layout.of(tree, filter, sharding)
     params = [leaves[i] for i in layout.params]
     if any(isinstance(p, jax.ShapeDtypeStruct) for p in params):  # an abstract tree
         flat: Any = jax.ShapeDtypeStruct((layout.length,), layout.dtype, sharding=_abstract_sharding(layout, params))
     else:
         flat = _engine.flatten(layout, params)
+    root = "ArrayImpl" if isinstance(tree, jax.core.Tracer) else type(tree).__name__  # as eagerly
     return flat, Restructure._of(layout, leaves, root)

@@ -29,7 +29,7 @@ from jax import lax
 from jax import tree_util as jtu
 
 from . import _predicates as P
-from ._walk import Structure
+from ._walk import LRU, Structure, structure
 
 # A leaf's kind in a layout: its index among the parameters (>= 0), or one of
 ARRAY = -1  # a non-parameter array: a child of the Restructure (may change under jit)
@@ -168,6 +168,21 @@ def canonical(dtype: Any, x64: bool) -> np.dtype:
     if out is None:
         out = _CANONICAL[key] = np.dtype(jax.dtypes.canonicalize_dtype(dtype))
     return out
+
+
+# Layouts, interned: an equal layout found here has the same key, so it is
+# the layout this call would build, and it carries the programs compiled
+# for it (``Layout.state``). Bounded at 64: a layout's compiled programs take
+# about 1.5 MiB of host memory on XLA:CPU and are freed with it (when no
+# ``Restructure`` holds it), so the cache holds at most ~100 MiB of programs.
+_LAYOUTS: LRU[Layout, Layout] = LRU(64)
+
+
+def of(tree: Any, filter: Callable[[Any, Any], bool] | None, sharding: Any) -> tuple[list[Any], Layout]:
+    """The tree's leaves (walk order) and its layout, interned."""
+    leaves, st = structure(tree)
+    new = build(leaves, st, filter, sharding)
+    return leaves, _LAYOUTS.get(new) or _LAYOUTS.put(new, new)
 
 
 def build(leaves: list[Any], st: Structure, filter: Callable[[Any, Any], bool] | None,
