@@ -140,6 +140,7 @@ def test_eight_threads_over_many_structures():
     assert errors == []
 
 
+@pytest.mark.slow
 def test_a_process_exits_promptly_after_many_structures():
     # Hang detector, not a speed test: before the rewrite a background compile
     # queue kept the interpreter alive for minutes after such a loop.
