@@ -305,3 +305,30 @@ def test_mutable_memo_follows_isinstance_for_proxies_and_plain_objects():
     param = nnx.Param(jnp.ones(2))
     for x in (Proxy(param), Proxy(1.0), Proxy(param), param, jnp.ones(2), param):
         assert _predicates.is_mutable(x) == isinstance(x, nnx.Variable)
+
+
+def test_a_structures_last_layout_is_reused_only_where_a_fresh_build_agrees():
+    """destructure reuses a structure's last layout after checking it; each
+    variant gives what it gives with every cache emptied (issue 17)."""
+    d1 = jax.devices()[1]
+    variants = [
+        {"a": jnp.ones(3), "b": jnp.arange(2)},
+        {"a": jnp.ones(3), "b": jnp.arange(2)},  # the same: reused
+        {"a": jnp.ones(4), "b": jnp.arange(2)},  # another shape
+        {"a": jnp.ones(3, jnp.bfloat16), "b": jnp.arange(2)},  # another dtype
+        {"a": jnp.ones(3), "b": jnp.arange(2.0)},  # b becomes a parameter
+        {"a": np.ones(3, np.float32), "b": jnp.arange(2)},  # numpy
+        {"a": jax.device_put(jnp.ones(3), d1), "b": jnp.arange(2)},  # committed, another device
+        {"a": jnp.ones(3), "b": np.int32(3)},  # b becomes a constant
+    ]
+    jaxflat.clear_caches()
+    got = [jaxflat.destructure(t) for t in variants]
+    assert got[1][1]._layout is got[0][1]._layout
+    for t, (flat, re_) in zip(variants, got, strict=True):
+        jaxflat.clear_caches()
+        fresh, fresh_re = jaxflat.destructure(t)
+        assert re_._layout == fresh_re._layout and re_.layout == fresh_re.layout
+        np.testing.assert_array_equal(flat, fresh)
+        assert flat.dtype == fresh.dtype and flat.devices() == fresh.devices()
+        assert flat.committed == fresh.committed
+        assert_tree_equal(re_(flat), fresh_re(fresh))

@@ -246,11 +246,11 @@ def destructure(
       >>> re(jnp.array([3, 5, 7 + 11j]))
       {'x': Array([3., 5.], dtype=float32), 'y': (<PjitFunction of <function sin at ...>>, Array([7.+11.j], dtype=complex64))}
     """
-    leaves, layout = _layout.of(tree, filter, sharding)
+    leaves, layout, place = _layout.of(tree, filter, sharding)
     params = [leaves[i] for i in layout.params]
-    if any(isinstance(p, jax.ShapeDtypeStruct) for p in params):  # an abstract tree
+    if place.abstract:  # e.g. from jax.eval_shape: plan, do not allocate
         flat: Any = jax.ShapeDtypeStruct((layout.length,), layout.dtype, sharding=_abstract_sharding(layout, params))
     else:
-        flat = _engine.flatten(layout, params)
+        flat = _engine.flatten(layout, params, place)
     root = "ArrayImpl" if isinstance(tree, jax.core.Tracer) else type(tree).__name__  # as eagerly
     return flat, Restructure._of(layout, leaves, root)

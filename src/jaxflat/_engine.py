@@ -38,7 +38,7 @@ import jax
 import numpy as np
 
 from . import _layout, _mesh
-from ._layout import Layout, cast
+from ._layout import Layout, Place, cast
 
 ALIGN = 64  # device_put aliases a 64-byte aligned numpy buffer instead of copying it
 # Above this the numpy copy is as fast as XLA:CPU's (1e8 parameters: numpy
@@ -94,52 +94,42 @@ def _state(layout: Layout, name: str, make: Callable[[], Any]) -> Any:
     return got
 
 
-def _path(layout: Layout, arrays: Sequence[Any]) -> tuple[str, Any]:
-    if any(isinstance(x, jax.core.Tracer) for x in arrays):
-        return "traced", None
+def _path(layout: Layout, place: Place) -> str:
+    if place.traced:
+        return "traced"
     if layout.shardings is not None or layout.sharding is not None:
-        return "mesh", None
-    device = _cpu_device(arrays)
-    return ("host", device) if device is not None else ("device", None)
+        return "mesh"
+    device = place.device
+    if device is None and not place.spread and jax.default_backend() == "cpu":
+        return "host"  # numpy leaves only
+    return "host" if device is not None and device.platform == "cpu" else "device"
 
 
-def _cpu_device(arrays: Sequence[Any]) -> Any:
-    """The one CPU device all concrete arrays live on, for the host path;
-    None where it does not apply (an accelerator, several devices)."""
-    found: dict[int, Any] = {}  # by id: equal shardings are often one object
-    for x in arrays:
-        if isinstance(x, jax.Array):
-            s = x.sharding
-            found.setdefault(id(s), s)
-    devices = {d for s in found.values() for d in s.device_set}
-    if len(devices) > 1:
-        return None
-    if not devices:  # numpy leaves only
-        return jax.devices("cpu")[0] if jax.default_backend() == "cpu" else None
-    d: Any = devices.pop()
-    return d if d.platform == "cpu" else None
-
-
-def _committed(arrays: Sequence[Any]) -> bool:
-    return any(isinstance(x, jax.Array) and x.committed for x in arrays)
+def _place_of(v: jax.Array) -> Place:
+    if isinstance(v, jax.core.Tracer):
+        return Place(None, False, False, True)
+    devices = v.sharding.device_set
+    one = len(devices) == 1
+    return Place(next(iter(devices)) if one else None, not one, v.committed, False)
 
 
 # ---------------------------------------------------------------- flatten
 
 
-def flatten(layout: Layout, params: list[Any]) -> jax.Array:
-    """``_layout.concat(params, layout.dtype)``, the fastest way that applies.
-    ``flat`` is committed to its device exactly when a parameter was."""
+def flatten(layout: Layout, params: list[Any], place: Place) -> jax.Array:
+    """``_layout.concat(params, layout.dtype)``, the fastest way that applies
+    to parameters at ``place``. ``flat`` is committed to its device exactly
+    when a parameter was."""
     if not params:
         return _layout.concat(params, layout.dtype)
-    path, device = _path(layout, params)
+    path = _path(layout, place)
     if path == "traced":
         return _mesh.flatten(layout, params)
     if path == "mesh":
         out = _state(layout, "mesh concat", lambda: _jit(_mesh.flatten, layout))(params)
         target = _mesh.placement(layout)[1]
         return out if target is None else jax.device_put(out, target)  # type: ignore[no-any-return]
-    committed = _committed(params)
+    committed, device = place.committed, place.device
     if path == "device":
         out = _state(layout, "concat", lambda: _jit(_concat, layout))(params)
         return out if committed else jax.device_put(out)  # type: ignore[no-any-return]
@@ -196,7 +186,8 @@ def split(layout: Layout, v: jax.Array) -> list[Any]:
 
 
 def _split(layout: Layout, v: jax.Array) -> list[Any]:
-    path, device = _path(layout, [v])
+    place = _place_of(v)
+    path, device = _path(layout, place), place.device
     if path == "traced":
         return _mesh.rebuild(layout, v)
     if path == "mesh":

@@ -18,6 +18,7 @@ from __future__ import annotations
 import functools
 import itertools
 import math
+import operator
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, NamedTuple
@@ -94,6 +95,11 @@ class Layout:
     def params(self) -> tuple[int, ...]:
         """The parameters' leaf indices."""
         return tuple(i for i, k in enumerate(self.kinds) if k >= 0)
+
+    @functools.cached_property
+    def others(self) -> tuple[int, ...]:
+        """The other leaves' indices."""
+        return tuple(i for i, k in enumerate(self.kinds) if k < 0)
 
     def __eq__(self, other: object) -> bool:
         return self is other or (isinstance(other, Layout) and self.key == other.key)
@@ -172,22 +178,89 @@ def canonical(dtype: Any, x64: bool) -> np.dtype:
 
 # Layouts, interned: an equal layout found here has the same key, so it is
 # the layout this call would build, and it carries the programs compiled
-# for it (``Layout.state``). Bounded at 64: a layout's compiled programs take
-# about 1.5 MiB of host memory on XLA:CPU and are freed with it (when no
-# ``Restructure`` holds it), so the cache holds at most ~100 MiB of programs.
-_LAYOUTS: LRU[Layout, Layout] = LRU(64)
+# for it (``Layout.state``). Also, under its structure's key, the layout last
+# built for a structure; ``_reuse`` returns it only after checking that
+# ``build`` would give an equal one (the same parameter types, shapes and
+# dtypes; the other leaves sorting as before). Bounded at 64 entries: a
+# layout's compiled programs take about 1.5 MiB of host memory on XLA:CPU and
+# are freed with it (when no ``Restructure`` holds it), so the cache holds at
+# most ~100 MiB of programs.
+_LAYOUTS: LRU[Any, Layout] = LRU(64)
 
 
-def of(tree: Any, filter: Callable[[Any, Any], bool] | None, sharding: Any) -> tuple[list[Any], Layout]:
-    """The tree's leaves (walk order) and its layout, interned."""
+class Place(NamedTuple):
+    """Where one call's parameters are. Not part of the layout: one layout
+    serves arrays on any device (and under ``jit`` alike)."""
+
+    device: Any  # the one device of all concrete parameters; None: none, or several
+    spread: bool  # the concrete parameters span several devices
+    committed: bool  # some parameter is committed to its device
+    traced: bool  # some parameter is a tracer
+    abstract: bool = False  # the parameters are ``jax.ShapeDtypeStruct`` s (an abstract tree)
+
+
+def of(tree: Any, filter: Callable[[Any, Any], bool] | None,
+       sharding: Any) -> tuple[list[Any], Layout, Place]:
+    """The tree's leaves (walk order), its layout (interned) and where its
+    parameters are."""
     leaves, st = structure(tree)
-    new = build(leaves, st, filter, sharding)
-    return leaves, _LAYOUTS.get(new) or _LAYOUTS.put(new, new)
+    plain = filter is None and sharding is None and not st.dynamic
+    if plain:
+        last = _LAYOUTS.get(("last", st.key))
+        place = None if last is None else _reuse(last, leaves)
+        if last is not None and place is not None:
+            return leaves, last, place
+    new, place = build(leaves, st, filter, sharding)
+    layout = _LAYOUTS.get(new) or _LAYOUTS.put(new, new)
+    if plain:
+        _LAYOUTS.put(("last", st.key), layout)
+    return leaves, layout, place
+
+
+_shape, _dtype = operator.attrgetter("shape"), operator.attrgetter("dtype")
+_sharding, _committed = operator.attrgetter("sharding"), operator.attrgetter("committed")
+
+
+def _reuse(layout: Layout, leaves: list[Any]) -> Place | None:
+    """Where the parameters are, if ``build`` would give ``layout`` for these
+    leaves of its structure; None if it might not. Checked with C-level maps:
+    every parameter a concrete array on one device (as when ``layout`` was
+    built, with no mesh shardings) of the same shape and dtype, and every
+    other leaf sorting as it did."""
+    if layout.shardings is not None:
+        return None
+    params = [leaves[i] for i in layout.params]
+    if set(map(type, params)) - {_ArrayImpl}:
+        return None
+    if tuple(map(_shape, params)) != layout.shapes or tuple(map(_dtype, params)) != layout.given:
+        return None
+    train = layout.structure.train
+    for i in layout.others:
+        x = leaves[i]
+        if layout.kinds[i] == ARRAY:
+            if not isinstance(x, P.ARRAY_TYPES) or (train[i] and P.numeric_array(x)):
+                return None
+        elif isinstance(x, P.ARRAY_TYPES) or (train[i] and _abstract_number(x)):
+            return None
+    shardings = list(map(_sharding, params))
+    distinct = dict(zip(map(id, shardings), shardings, strict=True)).values()
+    devices = {d for s in distinct for d in s.device_set}
+    if len(devices) != 1:
+        return None
+    return Place(devices.pop(), False, any(map(_committed, params)), False)
+
+
+_ArrayImpl: Any = None  # the concrete array type, for a fast path through the common case
+try:
+    from jax._src.array import ArrayImpl as _ArrayImpl
+except ImportError:  # pragma: no cover
+    pass
 
 
 def build(leaves: list[Any], st: Structure, filter: Callable[[Any, Any], bool] | None,
-          sharding: Any) -> Layout:
-    """The layout of a tree with these leaves (walk order), in one pass.
+          sharding: Any) -> tuple[Layout, Place]:
+    """The layout of a tree with these leaves (walk order), and where its
+    parameters are: one pass over the leaves, one over the parameters.
 
     A ``jax.ShapeDtypeStruct`` leaf (an abstract tree, from ``jax.eval_shape``)
     is a parameter where an array of its shape and dtype would be; as a
@@ -196,67 +269,62 @@ def build(leaves: list[Any], st: Structure, filter: Callable[[Any, Any], bool] |
     Raises:
       ValueError: parameters on different single devices.
     """
-    kinds = [ARRAY if isinstance(x, P.ARRAY_TYPES) else CONST for x in leaves]
+    kinds: list[int] = []
     params: list[Any] = []
-    paths = st.paths
-    for i, t in enumerate(st.train):
-        x = leaves[i]
-        if t and (P.isnumeric(x) if kinds[i] == ARRAY else _abstract_number(x)) and (
-            filter is None or filter(paths[i], x)
-        ):
-            kinds[i] = len(params)
+    train, paths = st.train, st.paths
+    for i, x in enumerate(leaves):
+        if type(x) is _ArrayImpl or isinstance(x, P.ARRAY_TYPES):
+            kind, numeric = ARRAY, train[i] and P.numeric_array(x)
+        else:
+            kind, numeric = CONST, train[i] and _abstract_number(x)
+        if numeric and (filter is None or filter(paths[i], x)):
+            kind = len(params)
             params.append(x)
-    given = tuple([np.dtype(p.dtype) for p in params])
+        kinds.append(kind)
+    seen: dict[int, tuple[Any, int]] = {}  # distinct shardings, by id: equal ones are often one object
+    committed = traced = abstract = False
+    known = 0  # parameters whose sharding is known
+    for j, p in enumerate(params):
+        if type(p) is _ArrayImpl or (isinstance(p, jax.Array) and not isinstance(p, jax.core.Tracer)):
+            s = p.sharding
+            committed = committed or p.committed
+        elif isinstance(p, jax.ShapeDtypeStruct):
+            abstract = True
+            if p.sharding is None:
+                continue
+            s = p.sharding
+        else:
+            traced = traced or isinstance(p, jax.core.Tracer)
+            continue  # numpy or a tracer
+        known += 1
+        if id(s) not in seen:
+            seen[id(s)] = (s, j)
+    devices: dict[Any, int] = {}
+    spread = False
+    for s, j in seen.values():
+        if len(s.device_set) == 1:
+            devices.setdefault(next(iter(s.device_set)), j)
+        else:
+            spread = True
+    if len(devices) > 1:
+        where = [i for i, k in enumerate(kinds) if k >= 0]
+        (d1, i1), (d2, i2) = list(devices.items())[:2]
+        raise ValueError(
+            f"destructure: parameters live on different devices: {jtu.keystr(paths[where[i1]])} on "
+            f"{d1} and {jtu.keystr(paths[where[i2]])} on {d2}; put them on one device "
+            "(jax.device_put) or shard them over one mesh"
+        )
+    shardings = None  # per parameter: over a mesh (or when ``sharding`` is asked), all known
+    if (spread or sharding is not None) and known == len(params):
+        shardings = tuple(p.sharding for p in params)
     x64 = bool(jax.config.read("jax_enable_x64"))
-    where = [i for i, k in enumerate(kinds) if k >= 0]
-    shardings = mesh_shardings(params, lambda j: jtu.keystr(paths[where[j]]), sharding is not None)
-    return Layout(st, tuple(kinds), tuple([tuple(p.shape) for p in params]),
-                  tuple([canonical(d, x64) for d in given]), given, shardings, sharding)
+    given = tuple([p.dtype for p in params])  # numpy dtypes (jax's too)
+    held = {d: canonical(d, x64) for d in set(given)}  # few distinct dtypes
+    layout = Layout(st, tuple(kinds), tuple([tuple(p.shape) for p in params]),
+                    tuple([held[d] for d in given]), given, shardings, sharding)
+    device = next(iter(devices)) if len(devices) == 1 and not spread else None
+    return layout, Place(device, spread, committed, traced, abstract)
 
 
 def _abstract_number(x: Any) -> bool:
     return isinstance(x, jax.ShapeDtypeStruct) and bool(jnp.issubdtype(x.dtype, jnp.inexact))
-
-
-def _sharding_of(x: Any) -> Any:
-    """A concrete array's sharding, an abstract leaf's if it has one, else None."""
-    if isinstance(x, jax.Array) and not isinstance(x, jax.core.Tracer):
-        return x.sharding
-    return x.sharding if isinstance(x, jax.ShapeDtypeStruct) else None
-
-
-def mesh_shardings(params: Sequence[Any], name: Callable[[int], str],
-                   asked: bool = False) -> tuple[Any, ...] | None:
-    """The parameters' shardings, when every parameter has one (a concrete
-    array, or an abstract leaf with a sharding) and some spans several
-    devices (a mesh) or a sharding was ``asked`` for ``flat``; else None
-    (one device; or numpy or tracers among them: XLA lays them out).
-
-    Raises:
-      ValueError: parameters on different single devices (``name(i)`` names
-        parameter ``i``).
-    """
-    seen: dict[int, tuple[Any, int]] = {}  # by id: equal shardings are often one object
-    known = 0
-    for i, p in enumerate(params):
-        s = _sharding_of(p)
-        if s is not None:
-            known += 1
-            if id(s) not in seen:
-                seen[id(s)] = (s, i)
-    devices: dict[Any, int] = {}
-    spread = False
-    for s, i in seen.values():
-        if len(s.device_set) == 1:
-            devices.setdefault(next(iter(s.device_set)), i)
-        else:
-            spread = True
-    if len(devices) > 1:
-        (d1, i1), (d2, i2) = list(devices.items())[:2]
-        raise ValueError(
-            f"destructure: parameters live on different devices: {name(i1)} on {d1} and "
-            f"{name(i2)} on {d2}; put them on one device (jax.device_put) or shard them over one mesh"
-        )
-    if not (spread or asked) or known < len(params):
-        return None
-    return tuple(_sharding_of(p) for p in params)

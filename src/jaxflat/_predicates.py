@@ -276,9 +276,14 @@ def isnumeric(x: Any) -> bool:
       >>> jaxflat.isnumeric(jax.random.key(0))
       False
     """
-    if not isinstance(x, ARRAY_TYPES) or is_registered_leaf(x):
+    return isinstance(x, ARRAY_TYPES) and numeric_array(x)
+
+
+def numeric_array(x: Any) -> bool:
+    """:func:`isnumeric` of ``x``, known to be an array (of ``ARRAY_TYPES``)."""
+    if REGISTRY.leaves and isinstance(x, REGISTRY.leaves):
         return False
-    dtype = cast(Any, x).dtype
+    dtype = x.dtype
     # A cache that cannot go stale: the answer is a pure function of the dtype.
     ok = _INEXACT.get(dtype)
     if ok is None:
