@@ -19,15 +19,18 @@ import time
 from pathlib import Path
 from types import SimpleNamespace
 
-SECTIONS = ("hot", "cold", "grad", "memory", "churn", "checkpoint")
+SECTIONS = ("hot", "cold", "grad", "compile", "memory", "churn", "checkpoint")
 MODES = {
     "default": dict(
         reps=15,
         calls=10,  # the hot section times calls 1..calls of a structure one by one
+        settled=200,  # ... and its steady state after this many calls (issue 17)
         hot=["mlp:100:1e6", "mlp:1000:1e6", "nnx:1000:1e6"],
         cold=["mlp:100:1e6", "mlp:1000:1e6", "mlp:10000:1e6", "nnx:1000:1e6"],
         baseline_max_leaves=1000,  # above: no ravel rebuild, no jit (compiles take minutes)
         grad=["mlp:100:1e6", "mlp:1000:1e6", "nnx:100:1e6"],
+        compile=["mlp:100:1e6", "mlp:1000:1e6"],
+        quick_gpt2=False,  # the compile section's SGD step: GPT-2-sized (124M parameters)
         memory="mlp:10:1e8",
         churn=5000,
         churn_ravel=300,  # ravel compiles eager ops for each structure: ~0.3 s each
@@ -37,10 +40,13 @@ MODES = {
     "quick": dict(
         reps=5,
         calls=10,
+        settled=20,
         hot=["mlp:10:1e4", "mlp:100:1e4", "nnx:10:1e4"],
         cold=["mlp:100:1e4"],
         baseline_max_leaves=100,
         grad=["mlp:10:1e4", "nnx:10:1e4"],
+        compile=["mlp:10:1e4"],
+        quick_gpt2=True,
         memory="mlp:10:1e6",
         churn=50,
         churn_ravel=10,

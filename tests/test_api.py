@@ -8,6 +8,7 @@ PUBLIC = {
     "LayoutEntry",
     "LoadError",
     "Restructure",
+    "clear_caches",
     "destructure",
     "isleaf",
     "isnumeric",

@@ -782,23 +782,30 @@ def test_corpus_restructure_leaves_are_the_nonparameter_arrays(name):
 
 
 def assert_same_arrays(leaves, expected):
-    """re's children are the template's non-parameter arrays, committed to
-    their devices (same values, dtypes and devices; numpy stays numpy)."""
+    """re's children are the template's non-parameter arrays, committed
+    exactly when they were (same values, dtypes and devices; numpy stays numpy)."""
     for a, b in zip(leaves, expected, strict=True):
         assert type(a) is type(b) or isinstance(a, jax.Array) and isinstance(b, jax.Array)
         if isinstance(b, jax.Array):
-            assert a.committed and a.sharding == b.sharding and a.dtype == b.dtype
+            assert a.committed == b.committed and a.sharding == b.sharding and a.dtype == b.dtype
             if jax.dtypes.issubdtype(b.dtype, jax.dtypes.prng_key):
                 a, b = jax.random.key_data(a), jax.random.key_data(b)
         np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
 
 
-def test_restructure_children_are_committed_but_rebuild_gives_the_originals():
+def test_flat_and_re_are_committed_exactly_when_the_tree_was():
     steps = jnp.arange(3)  # uncommitted, as jnp creates it
     flat, re = destructure({"w": jnp.ones(2), "steps": steps})
     (child,) = jtu.tree_leaves(re)
-    assert child.committed and not steps.committed
+    assert not child.committed and not flat.committed
+    assert not re(flat)["w"].committed
     assert re(flat)["steps"] is steps
+    d = jax.devices()[1]
+    tree = {"w": jax.device_put(jnp.ones(2), d), "steps": jax.device_put(steps, d)}
+    flat, re = destructure(tree)
+    (child,) = jtu.tree_leaves(re)
+    assert child.committed and flat.committed and flat.devices() == {d}
+    assert re(flat)["w"].committed and re(flat)["w"].devices() == {d}
 
 
 @names
@@ -877,3 +884,41 @@ def test_layout_path_uses_keystr():
         jtu.keystr(p) for p, _ in jtu.tree_flatten_with_path(tree)[0]
     ]
     assert regex.fullmatch(r"\['a'\]\[1\]\['b'\]", re.layout[1].path)
+
+
+# ------------------------------------------------------------ abstract trees (issue 17)
+
+
+def test_abstract_tree_gives_a_shape_dtype_struct_and_a_working_re():
+    tree = {"w": jnp.ones((2, 3), jnp.bfloat16), "b": jnp.zeros(3), "n": jnp.arange(2), "f": jnp.sin}
+    abstract = {k: jax.eval_shape(lambda x=x: x) if k != "f" else x for k, x in tree.items()}
+    flat, re = destructure(abstract)
+    real_flat, real_re = destructure(tree)
+    assert isinstance(flat, jax.ShapeDtypeStruct)
+    assert (flat.shape, flat.dtype) == (real_flat.shape, real_flat.dtype) == ((9,), jnp.float32)
+    assert re.layout == real_re.layout
+    v = jnp.arange(9.0)
+    out = re(v)
+    np.testing.assert_array_equal(out["w"], real_re(v)["w"])
+    assert out["w"].dtype == jnp.bfloat16
+    assert out["n"] == abstract["n"] and out["f"] is jnp.sin  # non-parameters as they were
+    np.testing.assert_array_equal(jax.jit(lambda v, r: r(v)["b"])(v, re), real_re(v)["b"])
+
+
+def test_abstract_nnx_model_plans_the_layout():
+    make = lambda: nnx.Sequential(nnx.Linear(3, 4, rngs=nnx.Rngs(0)), nnx.BatchNorm(4, rngs=nnx.Rngs(0)))  # noqa: E731
+    flat, re = destructure(nnx.eval_shape(make))
+    model = make()
+    real_flat, _ = destructure(model)
+    assert isinstance(flat, jax.ShapeDtypeStruct) and flat.shape == real_flat.shape == (24,)
+    out = re(real_flat)
+    np.testing.assert_array_equal(out.layers[0].kernel[...], model.layers[0].kernel[...])
+    (mean,) = jax.tree.leaves(out.layers[1].mean)
+    assert isinstance(mean, jax.ShapeDtypeStruct)  # a batch statistic: as it was
+
+
+def test_linen_module_instance_points_to_its_variables():
+    import flax.linen as nn
+
+    with pytest.raises(TypeError, match=regex.escape('destructure(variables["params"])')):
+        destructure(nn.Dense(3))

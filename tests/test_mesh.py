@@ -131,3 +131,19 @@ def test_loadmodel_puts_values_on_dst_sharding():
     for k in ("w", "b", "r", "step"):
         assert out[k].sharding == tree[k].sharding, k
         np.testing.assert_array_equal(out[k], tree[k])
+
+
+def test_abstract_sharded_tree_plans_the_flat_vector_without_allocating_it():
+    mesh, tree = sharded_tree(AxisType.Auto)
+    abstract = {k: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding) if k != "act" else x
+                for k, x in tree.items()}
+    flat, re = jaxflat.destructure(abstract)
+    real, re_real = jaxflat.destructure(tree)
+    assert isinstance(flat, jax.ShapeDtypeStruct)
+    assert (flat.shape, flat.dtype) == (real.shape, real.dtype)
+    assert flat.sharding == real.sharding and len(flat.sharding.device_set) == 8
+    out = re(real)  # a real vector into the planned tree: parameters get their shardings
+    for k in ("w", "b", "r"):
+        assert out[k].sharding.is_equivalent_to(tree[k].sharding, out[k].ndim), k
+        np.testing.assert_array_equal(out[k], tree[k])
+    assert out["step"] == abstract["step"] and out["act"] == "tanh"  # non-parameters as they were

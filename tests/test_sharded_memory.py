@@ -336,6 +336,7 @@ def _beyond_args(compiled):
     return m.temp_size_in_bytes + m.output_size_in_bytes
 
 
+@pytest.mark.slow
 def test_fsdp_mlp_memory():
     """67M float32 parameters over 8 devices (32 MB each): the plain
     formulation needs ~540 MB per device to flatten and ~237 MB to rebuild;

@@ -4,11 +4,13 @@ saved and restored. A port of Flux / Optimisers.jl's flat-and-nested toolkit.
 
 import importlib.metadata
 
+from . import _nnx  # noqa: F401  (registers what jaxflat knows about Flax)
 from . import curvature as curvature  # a public submodule, not in __all__
 from ._checkpoint import load as load
 from ._checkpoint import save as save
 from ._destructure import LayoutEntry as LayoutEntry
 from ._destructure import Restructure as Restructure
+from ._destructure import clear_caches as clear_caches
 from ._destructure import destructure as destructure
 from ._errors import LoadError as LoadError
 from ._modules import modules as modules
@@ -30,6 +32,7 @@ __all__ = (
     "LayoutEntry",
     "LoadError",
     "Restructure",
+    "clear_caches",
     "destructure",
     "isleaf",
     "load",

@@ -2,137 +2,41 @@
 
 from __future__ import annotations
 
-import itertools
 from collections.abc import Callable
-from typing import Any, Generic, NamedTuple, TypeVar
+from typing import Any, Generic, TypeVar
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 from jax import tree_util as jtu
 
-from . import _engine
-from . import _predicates as P
-from ._walk import LRU, Structure, structure
+from . import _engine, _layout, _mesh, _predicates, _walk
+from ._layout import ARRAY, CONST, Layout, LayoutEntry
 
 T = TypeVar("T")
-_ARRAY, _CONST = -1, -2  # kinds of non-parameter leaves; a parameter's kind is its index
 
+def clear_caches() -> None:
+    """Forget every structure, layout and compiled program jaxflat keeps.
 
-class LayoutEntry(NamedTuple):
-    """Where one parameter lives in the flat vector: ``flat[start:stop]``."""
+    jaxflat caches what it learns about a tree's structure, and the programs
+    it compiled for it, so that repeated calls are fast; each cache is
+    bounded and states why a cached answer equals a fresh one. This empties
+    all of them (for tests, or to give back memory); later calls rebuild
+    what they need. ``Restructure`` objects made before keep working.
 
-    path: str
-    start: int
-    stop: int
-    shape: tuple[int, ...]
-    dtype: np.dtype
-
-
-class Plan:
-    """Everything static about a Restructure: frozen, hashable, and equal to
-    any plan built from the same structure, leaf kinds, shapes, dtypes and
-    shardings (``jit`` caches on it). Its engine holds compiled programs,
-    which never take part in equality."""
-
-    __slots__ = ("key", "hash", "st", "kinds", "spec", "given", "dtype", "length",
-                 "engine", "params", "others", "_layout")
-
-    def __init__(self, st: Structure, kinds: tuple[int, ...], spec: _engine.Spec,
-                 given: tuple[np.dtype, ...], placement: tuple[Any, Any, Any]) -> None:
-        self.key = (st.key, kinds, spec, given, placement)
-        self.hash = hash(self.key)
-        self.st = st
-        self.kinds = kinds
-        self.spec = spec
-        self.given = given  # the parameters' own dtypes (float64 numpy stays float64 here)
-        self.dtype = _engine.flat_dtype([d for _, d in spec])
-        self.engine = _engine.Engine(spec, self.dtype, *placement)
-        self.length = self.engine.length
-        self.params = [i for i, k in enumerate(kinds) if k >= 0]
-        self.others = [i for i, k in enumerate(kinds) if k < 0]
-        self._layout: tuple[LayoutEntry, ...] | None = None
-
-    def __eq__(self, other: object) -> bool:
-        return self is other or (isinstance(other, Plan) and self.key == other.key)
-
-    def __hash__(self) -> int:
-        return self.hash
-
-    @property
-    def layout(self) -> tuple[LayoutEntry, ...]:
-        if self._layout is None:  # built on first use: a pure function of the plan
-            sizes = _engine.sizes(self.spec)
-            stops = itertools.accumulate(sizes)
-            self._layout = tuple(
-                LayoutEntry(jtu.keystr(self.st.paths[i]), stop - size, stop, shape, dtype)
-                for i, stop, size, (shape, _), dtype in zip(
-                    self.params, stops, sizes, self.spec, self.given, strict=True
-                )
-            )
-        return self._layout
-
-    def fits(self, leaves: list[Any]) -> bool:
-        """Do the non-parameter leaves still sort as they did? (Parameters
-        are checked by the compiled program they are passed to.)"""
-        train = self.st.train
-        for i in self.others:
-            x = leaves[i]
-            if isinstance(x, P.ARRAY_TYPES) != (self.kinds[i] == _ARRAY) or (train[i] and P.isnumeric(x)):
-                return False
-        return True
-
-    def restructure(self, leaves: list[Any], root: str) -> Restructure[Any]:
-        arrays = [leaves[i] for i, k in enumerate(self.kinds) if k == _ARRAY]
-        consts = _Consts(leaves[i] for i, k in enumerate(self.kinds) if k == _CONST)
-        return Restructure(self, tuple(arrays), consts, root)
-
-
-# Plans, interned: an equal plan found here has the same key, so it is the
-# plan this call would build (and it keeps its compiled programs). _LATEST:
-# the last plan of each cached structure, for the compiled fast path, which
-# is taken only when ``Plan.fits`` and the compiled program accept the leaves.
-# Bounded at 64 plans: a plan's compiled programs take about 1.5 MiB of host
-# memory on XLA:CPU and are freed with the plan (when no ``Restructure``
-# holds it), so the cache holds at most ~100 MiB of programs.
-_PLANS: LRU[Any, Plan] = LRU(64)
-_LATEST: LRU[Any, Plan] = LRU(64)
-
-
-def _clear_caches() -> None:
-    """Forget every structure and plan (for tests)."""
-    from ._walk import _STRUCTURES
-
-    for cache in (_STRUCTURES, _PLANS, _LATEST):
-        cache.clear()
-
-
-_CANONICAL: dict[tuple[np.dtype, bool], np.dtype] = {}
-
-
-def _canonical(dtype: np.dtype, x64: bool) -> np.dtype:
-    """The dtype JAX holds (float64 numpy leaves are float32 without x64);
-    memoised: a pure function of the dtype and the x64 flag in the key."""
-    key = (dtype, x64)
-    out = _CANONICAL.get(key)
-    if out is None:
-        out = _CANONICAL[key] = np.dtype(jax.dtypes.canonicalize_dtype(dtype))
-    return out
-
-
-def _committed(arrays: tuple[Any, ...]) -> tuple[Any, ...]:
-    """``arrays`` with uncommitted jax arrays committed to their device (the
-    same values, no copy), so that a ``re`` passed to ``jit`` looks like one
-    returned from it, and a step ``(v, re) -> (v', re')`` compiles once."""
-    loose = [i for i, x in enumerate(arrays) if isinstance(x, jax.Array)
-             and not isinstance(x, jax.core.Tracer) and not x.committed]
-    if not loose:
-        return arrays
-    out = list(arrays)
-    moved = jax.device_put([out[i] for i in loose], [out[i].sharding for i in loose])
-    for i, x in zip(loose, moved, strict=True):
-        out[i] = x
-    return tuple(out)
+    Example:
+      >>> import jax.numpy as jnp, jaxflat
+      >>> flat, re = jaxflat.destructure({"w": jnp.ones(2)})
+      >>> jaxflat.clear_caches()
+      >>> re(flat)["w"]
+      Array([1., 1.], dtype=float32)
+    """
+    _walk._STRUCTURES.clear()
+    _layout._LAYOUTS.clear()
+    _mesh._moves.cache_clear()
+    _layout._CANONICAL.clear()
+    _predicates._INEXACT.clear()
+    _predicates.REGISTRY.mutable_by_type.clear()
 
 
 class Restructure(Generic[T]):
@@ -161,37 +65,41 @@ class Restructure(Generic[T]):
       [("['w']", 0, 4)]
     """
 
-    __slots__ = ("_plan", "_arrays", "_consts", "_root", "_children", "__weakref__")
+    __slots__ = ("_layout", "_arrays", "_consts", "_root", "__weakref__")
 
-    def __init__(self, plan: Plan, arrays: tuple[Any, ...], consts: Any, root: str) -> None:
-        self._plan = plan
+    def __init__(self, layout: Layout, arrays: tuple[Any, ...], consts: Any, root: str) -> None:
+        self._layout = layout
         self._arrays = arrays  # what re(v) puts back, as they were
         self._consts = consts
         self._root = root
-        self._children: tuple[Any, ...] | None = None  # the arrays as pytree children
+
+    @classmethod
+    def _of(cls, layout: Layout, leaves: list[Any], root: str) -> Restructure[Any]:
+        kinds = layout.kinds
+        arrays = tuple([x for x, k in zip(leaves, kinds, strict=True) if k == ARRAY])
+        consts = _Consts([x for x, k in zip(leaves, kinds, strict=True) if k == CONST])
+        return cls(layout, arrays, consts, root)
 
     def _tree_flatten(self) -> tuple[tuple[Any, ...], tuple[Any, ...]]:
-        if self._children is None:  # committed once: arrays are immutable values
-            self._children = _committed(self._arrays)
-        return self._children, (self._plan, self._consts, self._root)
+        return self._arrays, (self._layout, self._consts, self._root)
 
     @property
     def length(self) -> int:
-        return self._plan.length
+        return self._layout.length
 
     @property
     def layout(self) -> tuple[LayoutEntry, ...]:
-        return self._plan.layout
+        return self._layout.entries()
 
     @property
     def dtype(self) -> np.dtype:
-        return self._plan.dtype
+        return self._layout.dtype
 
     def __len__(self) -> int:
-        return self._plan.length
+        return self._layout.length
 
     def __repr__(self) -> str:
-        return f"Restructure({self._root}, ..., {self._plan.length})"
+        return f"Restructure({self._root}, ..., {self._layout.length})"
 
     def __call__(self, flat: Any) -> T:
         """Rebuild the tree with the parameters taken from ``flat``.
@@ -199,25 +107,30 @@ class Restructure(Generic[T]):
         Raises:
           ValueError: ``flat`` is not a vector of length ``self.length``.
         """
-        plan = self._plan
-        v = flat if isinstance(flat, jax.Array) else _as_vector(flat, plan.length)
-        if v.shape != (plan.length,):
+        layout = self._layout
+        v = flat if isinstance(flat, jax.Array) else _as_vector(flat, layout.length)
+        if v.shape != (layout.length,):
             hint = "; for a batch of vectors use jax.vmap(re)" if v.ndim == 2 else ""
             raise ValueError(
-                f"Restructure expected a vector of shape ({plan.length},), got {v.shape}{hint}"
+                f"Restructure expected a vector of shape ({layout.length},), got {v.shape}{hint}"
             )
-        if not plan.spec:
-            pieces: list[Any] = []
-        elif isinstance(v, jax.core.Tracer):
-            pieces = _engine.split_differentiable(plan.engine, v)
-        else:
-            pieces = plan.engine.split(v)
+        pieces = _engine.split(layout, v)
         arrays, consts = iter(self._arrays), iter(self._consts)
         leaves = [
-            pieces[k] if k >= 0 else next(arrays) if k == _ARRAY else next(consts)
-            for k in plan.kinds
+            pieces[k] if k >= 0 else next(arrays) if k == ARRAY else next(consts)
+            for k in layout.kinds
         ]
-        return plan.st.unflatten(leaves)  # type: ignore[no-any-return]
+        return layout.structure.unflatten(leaves)  # type: ignore[no-any-return]
+
+
+def _abstract_sharding(layout: Layout, params: list[Any]) -> Any:
+    """Where an abstract tree's ``flat`` would live: as for real arrays (one
+    common device, or spread over the mesh), None where the leaves say nothing."""
+    sharding = _mesh.placement(layout)[0]
+    if sharding is None:
+        given = {getattr(p, "sharding", None) for p in params}
+        sharding = given.pop() if len(given) == 1 else None
+    return sharding
 
 
 def _as_vector(x: Any, length: int) -> jax.Array:
@@ -288,9 +201,16 @@ def destructure(
         ``re(v)`` projects each piece back: float64 into float32 rounds,
         complex into real keeps the real part.
       * Everything else (non-trainable arrays, ints, keys, functions,
-        strings, None) comes back from ``re`` as it was (jax arrays
-        committed to their device, so a jitted step that returns a new
-        ``re`` compiles once).
+        strings, None) comes back from ``re`` as it was.
+      * Commitment: ``flat`` (and ``re(v)``'s pieces) are committed to their
+        device exactly when a parameter (``v``) was, as ``jit`` would make
+        them, so a jitted step taking and returning ``(v, re, opt_state)``
+        compiles once.
+      * Abstract trees (``jax.ShapeDtypeStruct`` leaves, from
+        ``jax.eval_shape`` / ``nnx.eval_shape``): ``flat`` is a
+        ``jax.ShapeDtypeStruct`` of the length, dtype and sharding the real
+        tree would give, and ``re(v)`` puts a real ``v``'s parameters into
+        the planned tree (non-parameter leaves stay as they were).
       * Ties: an ``nnx.Variable`` or ``nnx.Module`` found at several places
         by identity is one set of parameters, stored once and rebuilt
         shared; its gradient is the sum over its uses. Equal arrays are not
@@ -313,7 +233,8 @@ def destructure(
       ``(flat, re)``: the 1-D ``jax.Array`` and the :class:`Restructure`.
 
     Raises:
-      TypeError: ``tree`` is a class, not an instance.
+      TypeError: ``tree`` is a class, not an instance; or a Flax Linen module
+        (its arrays are in ``variables["params"]``).
       ValueError: parameters on different devices; a trainable rule naming
         something that is not a child.
 
@@ -325,30 +246,11 @@ def destructure(
       >>> re(jnp.array([3, 5, 7 + 11j]))
       {'x': Array([3., 5.], dtype=float32), 'y': (<PjitFunction of <function sin at ...>>, Array([7.+11.j], dtype=complex64))}
     """
-    leaves, st = structure(tree)
+    leaves, layout, place = _layout.of(tree, filter, sharding)
+    params = [leaves[i] for i in layout.params]
+    if place.abstract:  # e.g. from jax.eval_shape: plan, do not allocate
+        flat: Any = jax.ShapeDtypeStruct((layout.length,), layout.dtype, sharding=_abstract_sharding(layout, params))
+    else:
+        flat = _engine.flatten(layout, params, place)
     root = "ArrayImpl" if isinstance(tree, jax.core.Tracer) else type(tree).__name__  # as eagerly
-    hot = filter is None and sharding is None and not st.dynamic
-    if hot:
-        plan = _LATEST.get(st.key)
-        if plan is not None and plan.engine.concat is not None and plan.fits(leaves):
-            try:
-                flat = plan.engine.concat(*[leaves[i] for i in plan.params])
-                return flat, plan.restructure(leaves, root)
-            except (TypeError, ValueError):
-                pass  # new shapes, dtypes or devices: the general path below
-    kinds = [_ARRAY if isinstance(x, P.ARRAY_TYPES) else _CONST for x in leaves]
-    where: list[int] = []  # the parameters' leaf indices
-    for i, (x, t) in enumerate(zip(leaves, st.train, strict=True)):
-        if t and P.isnumeric(x) and (filter is None or filter(st.paths[i], x)):
-            kinds[i] = len(where)
-            where.append(i)
-    params = [leaves[i] for i in where]
-    given = tuple(np.dtype(p.dtype) for p in params)
-    x64 = bool(jax.config.read("jax_enable_x64"))
-    spec = tuple((tuple(p.shape), _canonical(d, x64)) for p, d in zip(params, given, strict=True))
-    placement = _engine.placement(params, sharding, lambda i: jtu.keystr(st.paths[where[i]]))
-    new = Plan(st, tuple(kinds), spec, given, placement)
-    plan = _PLANS.get(new) or _PLANS.put(new, new)
-    if hot:
-        _LATEST.put(st.key, plan)
-    return plan.engine.flatten(params), plan.restructure(leaves, root)
+    return flat, Restructure._of(layout, leaves, root)

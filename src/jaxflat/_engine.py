@@ -1,141 +1,165 @@
-"""How flat vectors are made and cut: the one place that picks a strategy.
+"""The accelerator: faster ways to make and cut a layout's flat vector.
 
-``Engine(spec, dtype, shardings, flat_sharding)`` serves one plan. Its
-``flatten(params)`` and ``split(v)`` take one of four paths, chosen in
-``_path``:
+One contract: every path gives exactly the bits of the reference
+(``_layout.concat`` / ``_layout.split``); the tests pin that. Paths, chosen
+per call in :func:`_path`:
 
-* ``traced`` (inside ``jit``, ``grad``, ``vmap``): one ``jnp.concatenate``;
-  one ``lax.split`` whose transpose is one concatenate.
-* ``mesh`` (parameters sharded over a mesh): ``_mesh``'s memory-bounded
-  moves, in one jitted program per plan.
-* ``host`` (concrete arrays on one CPU device): numpy views, no compile: a
-  new structure costs milliseconds. On the ``COMPILE_AT_CALL``-th host call
-  of one plan (a structure met that often is being called in a loop), its
-  programs are compiled, synchronously, and used from then on: one
-  concatenate, and one split (XLA's, up to ``XLA_SPLIT_MAX_LEAVES`` leaves;
-  above, where XLA:CPU's compile grows by ~10 ms a leaf, a host callback
-  that cuts the vector, one custom call per ``CALLBACK_CHUNK`` leaves).
-  Measured on 2 cores: the compiles cost about 1 s at 100 and at 1000
-  leaves (most at 256 leaves: ~2 s), and repay themselves within about 150
-  and 30 calls respectively; structures above
-  ``MAX_CONCAT_LEAVES`` leaves or ``HOST_ONLY_BYTES`` never compile their
-  concatenate, where numpy is as fast and XLA's compile is not bounded.
-* ``compiled`` (any other single device, e.g. a GPU): one jitted program
-  per plan.
+* ``traced`` (inside ``jit``, ``grad``, ``vmap``): the reference itself, or
+  the mesh backend's moves for parameters sharded over a mesh.
+* ``mesh`` (concrete parameters sharded over a mesh, or ``sharding=``): the
+  mesh backend (``_mesh``), one jitted program per layout.
+* ``host`` (concrete arrays on one CPU device): numpy, no compile, so a new
+  structure costs milliseconds. Rent or buy: once the host time spent on one
+  layout's concatenate (or split) has reached the estimated compile time of
+  a program doing it (``COMPILE_COST``), that program is compiled,
+  synchronously, and used from then on: XLA's concatenate, and a host
+  callback that cuts the vector (one per ``MAX_COMPILE_LEAVES`` leaves). So
+  a structure never costs more than twice what the numpy path alone would
+  have, and one called in a loop runs compiled. Never compiled: layouts of
+  more than ``MAX_COMPILE_LEAVES`` leaves (concatenate) or
+  ``HOST_ONLY_BYTES``, and any call in a process that was forked (XLA
+  cannot compile there; numpy serves it).
+* ``device`` (any other single device, e.g. a GPU): the reference, jitted
+  once per layout.
 
-The compiled concatenate is a ``jax.stages.Compiled``, which checks the
-types, shapes and devices of every call: a mismatch falls back to the host
-path, so a program is never applied to inputs it was not built for.
+A compiled program is a ``jax.stages.Compiled``, which checks the types,
+shapes and devices of every call: a mismatch falls back to numpy.
 """
 
 from __future__ import annotations
 
 import functools
-import itertools
-import math
+import os
+import time
 from collections.abc import Callable, Sequence
 from typing import Any
 
 import jax
-import jax.numpy as jnp
 import numpy as np
-from jax import lax
 
-Spec = tuple[tuple[tuple[int, ...], np.dtype], ...]  # (shape, dtype) per parameter
+from . import _layout, _mesh
+from ._layout import Layout, Place, cast
 
-COMPILE_AT_CALL = 4  # host calls of one plan after which its programs are compiled
-MAX_CONCAT_LEAVES = 2048  # XLA:CPU's concatenate compile grows faster than linearly
-XLA_SPLIT_MAX_LEAVES = 256  # above this, the callback cutter (XLA's split: ~2 s at 256)
-HOST_ONLY_BYTES = 64 * 2**20  # above this, numpy's copy beats XLA:CPU's
-CALLBACK_CHUNK = 1024  # leaves per host callback (a callback's compile is superlinear)
-ALIGN = 64  # device_put aliases a 64-byte aligned numpy buffer instead of copying
+ALIGN = 64  # device_put aliases a 64-byte aligned numpy buffer instead of copying it
+# Above this the numpy copy is as fast as XLA:CPU's (1e8 parameters: numpy
+# 0.73 s against jit 0.71 s, issue 4), so nothing is compiled.
+HOST_ONLY_BYTES = 64 * 2**20
+# Above this XLA:CPU's concatenate compile grows faster than linearly
+# (0.78 s at 1000 leaves, issue 9) and a callback's too (2048 leaves: 0.69 s
+# against 0.16 s at 1000, this issue), so no automatic compile is unbounded.
+MAX_COMPILE_LEAVES = 2048
+# Estimated compile time of one program, (seconds, seconds per leaf): measured
+# on 2 cores, concatenate 67 ms at 100 leaves, 0.78 s at 1000; callback cutter
+# 0.03 s at 100, 0.16-0.39 s at 1000. A layout buys its program once its host
+# path has cost this much (rent or buy).
+COMPILE_COST = (0.05, 0.8e-3)
 
-
-def sizes(spec: Spec) -> list[int]:
-    return [math.prod(shape) for shape, _ in spec]
-
-
-def cast(x: Any, dtype: Any) -> Any:
-    """``x`` as ``dtype`` (numpy or jax): complex into real keeps the real part."""
-    if x.dtype == dtype:
-        return x
-    if jnp.issubdtype(x.dtype, jnp.complexfloating) and not jnp.issubdtype(dtype, jnp.complexfloating):
-        x = x.real
-    return x.astype(dtype)
+_FORKED = False  # set in a child made by os.fork: XLA cannot compile there
 
 
-def flat_dtype(dtypes: Sequence[Any]) -> np.dtype:
-    """``jnp.result_type`` of the parameters; float8 types, which JAX does not
-    promote implicitly, give way to the widest other float present."""
-    dtypes = list(dict.fromkeys(dtypes))  # the join is order-free; few distinct dtypes
-    if not dtypes:
-        return np.dtype(jnp.float32)
-    try:
-        return np.dtype(jnp.result_type(*dtypes))
-    except jax.dtypes.TypePromotionError:
-        wide = [d for d in dtypes if np.dtype(d).itemsize > 1]
-        return np.dtype(jnp.result_type(*wide)) if wide else np.dtype(jnp.float32)
+def _after_fork_in_child() -> None:
+    global _FORKED
+    _FORKED = True
 
 
-def placement(params: Sequence[Any], sharding: Any, name: Callable[[int], str]) -> tuple[Any, Any, Any]:
-    """Where the flat vector goes, decided once per plan: ``(shardings,
-    flat_sharding, target)``: the parameters' shardings over a mesh (None:
-    all on one device, or traced), the flat vector's layout for the moves,
-    and where the result is finally put when ``sharding`` is not on the
-    parameters' mesh (else None).
-
-    Raises:
-      ValueError: parameters on different single devices (``name(i)`` names
-        parameter ``i``).
-    """
-    seen: dict[Any, int] = {}
-    for i, p in enumerate(params):
-        if isinstance(p, jax.Array) and not isinstance(p, jax.core.Tracer):
-            seen.setdefault(p.sharding, i)
-    single = {s: i for s, i in seen.items() if len(s.device_set) == 1}
-    devices = {next(iter(s.device_set)): i for s, i in single.items()}
-    if len(devices) > 1:
-        (d1, i1), (d2, i2) = list(devices.items())[:2]
-        raise ValueError(
-            f"destructure: parameters live on different devices: {name(i1)} on {d1} and "
-            f"{name(i2)} on {d2}; put them on one device (jax.device_put) or shard them over one mesh"
-        )
-    if len(single) == len(seen) and sharding is None:
-        return None, None, None
-    if len(seen) < len(params):  # numpy or traced among sharded: let XLA lay them out
-        return None, sharding, None
-    from . import _mesh
-
-    shardings = tuple(p.sharding for p in params)
-    mesh = next((s.mesh for s in shardings if isinstance(s, jax.sharding.NamedSharding)), None)
-    if sharding is None:
-        return shardings, _mesh.flat_sharding(list(params)), None
-    if mesh is not None and not (
-        isinstance(sharding, jax.sharding.NamedSharding) and _mesh.same_mesh(sharding.mesh, mesh)
-    ):  # e.g. one device for the vector of a model sharded over a mesh
-        return shardings, _mesh.flat_sharding(list(params)), sharding
-    return shardings, sharding, None
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_after_fork_in_child)
 
 
-def _device(arrays: Sequence[Any]) -> Any:
-    """The one CPU device all concrete arrays live on, for the host path;
-    None where it does not apply (a tracer, an accelerator, several devices)."""
-    device: Any = None
-    for x in arrays:
-        if isinstance(x, np.ndarray):
-            continue
-        if isinstance(x, jax.core.Tracer) or not isinstance(x, jax.Array):
-            return None
-        devices = x.sharding.device_set
-        if len(devices) != 1:
-            return None
-        d: Any = next(iter(devices))
-        if d.platform != "cpu" or (device is not None and d != device):
-            return None
-        device = d
-    if device is None and jax.default_backend() == "cpu":
-        device = jax.devices("cpu")[0]  # numpy leaves only
-    return device
+class _Host:
+    """A layout's host-path memory: time spent per direction, and the
+    programs bought."""
+
+    __slots__ = ("spent", "concat", "cutter", "compiles")
+
+    def __init__(self, layout: Layout) -> None:
+        small = layout.length * layout.dtype.itemsize < HOST_ONLY_BYTES
+        self.compiles = {"concat": small and len(layout.shapes) <= MAX_COMPILE_LEAVES, "split": small}
+        self.spent = {"concat": 0.0, "split": 0.0}
+        self.concat: Any = None  # Compiled concatenate
+        self.cutter: Any = None  # (dtype, device, cut)
+
+    def due(self, layout: Layout, kind: str, seconds: float) -> bool:
+        """Add a host call's time; True when ``kind``'s program is to be bought."""
+        self.spent[kind] += seconds
+        base, per_leaf = COMPILE_COST
+        return (self.compiles[kind] and not _FORKED
+                and self.spent[kind] >= base + per_leaf * len(layout.shapes))
+
+
+def _state(layout: Layout, name: str, make: Callable[[], Any]) -> Any:
+    got = layout.state.get(name)
+    if got is None:
+        got = layout.state.setdefault(name, make())
+    return got
+
+
+def _path(layout: Layout, place: Place) -> str:
+    if place.traced:
+        return "traced"
+    if layout.shardings is not None or layout.sharding is not None:
+        return "mesh"
+    device = place.device
+    if device is None and not place.spread and jax.default_backend() == "cpu":
+        return "host"  # numpy leaves only
+    return "host" if device is not None and device.platform == "cpu" else "device"
+
+
+def _place_of(v: jax.Array) -> Place:
+    if isinstance(v, jax.core.Tracer):
+        return Place(None, False, False, True)
+    devices = v.sharding.device_set
+    one = len(devices) == 1
+    return Place(next(iter(devices)) if one else None, not one, v.committed, False)
+
+
+# ---------------------------------------------------------------- flatten
+
+
+def flatten(layout: Layout, params: list[Any], place: Place) -> jax.Array:
+    """``_layout.concat(params, layout.dtype)``, the fastest way that applies
+    to parameters at ``place``. ``flat`` is committed to its device exactly
+    when a parameter was."""
+    if not params:
+        return _layout.concat(params, layout.dtype)
+    path = _path(layout, place)
+    if path == "traced":
+        return _mesh.flatten(layout, params)
+    if path == "mesh":
+        out = _state(layout, "mesh concat", lambda: _jit(_mesh.flatten, layout))(params)
+        target = _mesh.placement(layout)[1]
+        return out if target is None else jax.device_put(out, target)  # type: ignore[no-any-return]
+    committed, device = place.committed, place.device
+    if path == "device":
+        out = _state(layout, "concat", lambda: _jit(_concat, layout))(params)
+        return out if committed else jax.device_put(out)  # type: ignore[no-any-return]
+    host: _Host = _state(layout, "host", lambda: _Host(layout))
+    if host.concat is not None and not _FORKED:
+        try:
+            out = host.concat(*params)
+            return jax.device_put(out, device) if committed else out  # type: ignore[no-any-return]
+        except (TypeError, ValueError):
+            pass  # not what it was compiled for: numpy below
+    t0 = time.perf_counter()
+    buf = _aligned(layout.length, layout.dtype)
+    np.concatenate([np.asarray(p).reshape(-1) for p in params], out=buf)
+    flat = jax.device_put(buf, device if committed else None)
+    if host.due(layout, "concat", time.perf_counter() - t0) and host.concat is None:
+        avals = [jax.ShapeDtypeStruct(p.shape, p.dtype) for p in params]
+        host.concat = _jit(_concat_varargs, layout).lower(*avals).compile()
+    return flat
+
+
+def _concat(layout: Layout, params: Sequence[Any]) -> jax.Array:
+    return _layout.concat(params, layout.dtype)
+
+
+def _concat_varargs(layout: Layout, *params: Any) -> jax.Array:
+    return _layout.concat(params, layout.dtype)
+
+
+def _reference_split(layout: Layout, v: jax.Array) -> list[jax.Array]:
+    return _layout.split(v, layout.shapes, layout.dtypes)
 
 
 def _aligned(n: int, dtype: Any) -> np.ndarray:
@@ -146,172 +170,84 @@ def _aligned(n: int, dtype: Any) -> np.ndarray:
     return raw[offset : offset + n * itemsize].view(dtype)
 
 
-def concat_traced(params: Sequence[Any], dtype: Any) -> jax.Array:
-    return jnp.concatenate([jnp.ravel(p).astype(dtype) for p in params])
+# ---------------------------------------------------------------- split
 
 
-def split_traced(spec: Spec, v: jax.Array) -> list[jax.Array]:
-    """``v`` (or a batch of them, on its last axis) cut into the parameters."""
-    pieces = lax.split(v, sizes(spec), axis=v.ndim - 1)
-    lead = v.shape[:-1]
-    return [cast(p.reshape(*lead, *shape), dt) for p, (shape, dt) in zip(pieces, spec, strict=True)]
+def split(layout: Layout, v: jax.Array) -> list[Any]:
+    """``_layout.split(v, layout.shapes, layout.dtypes)``, the fastest way that applies; the
+    pieces are committed exactly when ``v`` is. Differentiable: a custom JVP
+    keeps eager ``jax.grad`` on the fast concrete path while the tangent
+    takes the traced path (whose transpose is one concatenate)."""
+    if not layout.shapes:
+        return []
+    if isinstance(v, jax.core.Tracer):
+        return _split_differentiable(layout, v)
+    return _split(layout, v)
 
 
-class Engine:
-    """Flatten and split for one plan; holds its compiled programs."""
-
-    def __init__(self, spec: Spec, dtype: np.dtype, shardings: Any = None,
-                 flat_sharding: Any = None, target: Any = None) -> None:
-        self.spec = spec
-        self.dtype = dtype
-        self.shardings = shardings  # the parameters' shardings over a mesh, or None
-        self.flat_sharding = flat_sharding  # the flat vector's layout (see placement)
-        self.target = target  # where the flat vector finally goes, if elsewhere
-        stops = np.cumsum([0, *sizes(spec)]).tolist()
-        self.slices = [slice(a, b) for a, b in itertools.pairwise(stops)]
-        self.length = stops[-1]
-        nbytes = self.length * dtype.itemsize
-        small = nbytes < HOST_ONLY_BYTES
-        self.compiles = {"concat": small and len(spec) <= MAX_CONCAT_LEAVES, "split": small}
-        self.host_calls = {"concat": 0, "split": 0}
-        self.concat: Any = None  # Compiled concatenate, on the host path
-        self.cutter: Any = None  # (dtype, device, callable) for the host path
-        self.programs: dict[str, Any] = {}  # mesh and compiled paths: jitted functions
-
-    def _path(self, arrays: Sequence[Any]) -> tuple[str, Any]:
-        if any(isinstance(x, jax.core.Tracer) for x in arrays):
-            return "traced", None
-        if self.shardings is not None or self.flat_sharding is not None:
-            return "mesh", None
-        device = _device(arrays)
-        return ("host", device) if device is not None else ("compiled", None)
-
-    def _due(self, kind: str) -> bool:
-        """Count a host call; True when this plan's ``kind`` program is to be compiled."""
-        self.host_calls[kind] += 1
-        return self.compiles[kind] and self.host_calls[kind] >= COMPILE_AT_CALL
-
-    def _program(self, name: str, make: Callable[[], Any]) -> Any:
-        fn = self.programs.get(name)
-        if fn is None:
-            fn = self.programs[name] = make()
-        return fn
-
-    # ---------------------------------------------------------------- flatten
-
-    def flatten(self, params: list[Any]) -> jax.Array:
-        if not params:
-            return jnp.zeros((0,), self.dtype)
-        path, device = self._path(params)
-        if path == "traced":
-            return self._concat_traced(params)
-        if path == "mesh":
-            out = self._program("concat", lambda: _jit(self._concat_traced))(params)
-            return out if self.target is None else jax.device_put(out, self.target)  # type: ignore[no-any-return]
-        if path == "compiled":
-            return jax.device_put(self._program("concat", lambda: _jit(concat_traced, dtype=self.dtype))(params))  # type: ignore[no-any-return]
-        if self.concat is not None:
-            try:
-                return self.concat(*params)  # type: ignore[no-any-return]
-            except (TypeError, ValueError):
-                pass  # not what it was compiled for: the host path
-        out = _aligned(self.length, self.dtype)
-        np.concatenate([np.asarray(p).reshape(-1) for p in params], out=out)
-        flat = jax.device_put(out, device)
-        if self._due("concat") and self.concat is None:
-            avals = [jax.ShapeDtypeStruct(p.shape, p.dtype, sharding=jax.sharding.SingleDeviceSharding(device)) for p in params]
-            self.concat = _jit(_concat_varargs, dtype=self.dtype).lower(*avals).compile()
-        return flat
-
-    def _concat_traced(self, params: list[Any]) -> jax.Array:
-        from . import _mesh
-
-        sharding = self.flat_sharding
-        if sharding is None:  # explicitly sharded tracers: replicate unless told
-            mesh = _mesh.explicit_mesh(params)
-            if mesh is not None:
-                sharding = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
-        if sharding is None:
-            return concat_traced(params, self.dtype)
-        return _mesh.concat(params, self.dtype, sharding, shardings=self.shardings)
-
-    # ---------------------------------------------------------------- split
-
-    def split(self, v: jax.Array) -> list[Any]:
-        path, device = self._path([v])
-        if path == "traced":
-            return self._split_traced(v)
-        if path == "mesh":
-            if self.target is not None:
-                v = jax.device_put(v, self.flat_sharding)
-            return self._program("split", lambda: _jit(self._split_traced))(v)  # type: ignore[no-any-return]
-        if path == "compiled":
-            return self._program("split", lambda: _jit(split_traced, self.spec))(v)  # type: ignore[no-any-return]
-        if self.cutter is not None and self.cutter[:2] == (v.dtype, device):
-            return self.cutter[2](v)  # type: ignore[no-any-return]
-        a = np.asarray(v)
-        out = jax.device_put(
-            [cast(a[s].reshape(shape), dt) for s, (shape, dt) in zip(self.slices, self.spec, strict=True)],
-            device,
-        )
-        if self._due("split") and self.cutter is None:
-            cut: Any
-            if len(self.spec) <= XLA_SPLIT_MAX_LEAVES:
-                aval = jax.ShapeDtypeStruct(v.shape, v.dtype, sharding=jax.sharding.SingleDeviceSharding(device))
-                cut = _jit(split_traced, self.spec).lower(aval).compile()
-            else:
-                cut = self._callbacks(v)
-            self.cutter = (v.dtype, device, cut)
-        return out  # type: ignore[no-any-return]
-
-    def _split_traced(self, v: jax.Array) -> list[jax.Array]:
-        if self.shardings is not None and v.ndim == 1:
-            from . import _mesh
-
-            return _mesh.split(v, self.spec, self.shardings, flat_sharding=self.flat_sharding)
-        return split_traced(self.spec, v)
-
-    def _callbacks(self, v: jax.Array) -> Callable[[jax.Array], list[Any]]:
-        """Jitted host callbacks cutting ``v``, one per CALLBACK_CHUNK leaves."""
-        def chunk(part: slice) -> Any:
-            spec, slices = self.spec[part], self.slices[part]
-            out = [jax.ShapeDtypeStruct(shape, dt) for shape, dt in spec]
-
-            def host(a: Any) -> list[Any]:
-                a = np.asarray(a)
-                return [cast(a[s].reshape(shape), dt) for s, (shape, dt) in zip(slices, spec, strict=True)]
-
-            fn = jax.jit(lambda v: jax.pure_callback(host, out, v))
-            jax.block_until_ready(fn(v))  # compile now, not on first use
-            return fn
-
-        chunks = [chunk(slice(i, i + CALLBACK_CHUNK)) for i in range(0, len(self.spec), CALLBACK_CHUNK)]
-        return lambda v: [x for c in chunks for x in c(v)]
+def _split(layout: Layout, v: jax.Array) -> list[Any]:
+    place = _place_of(v)
+    path, device = _path(layout, place), place.device
+    if path == "traced":
+        return _mesh.rebuild(layout, v)
+    if path == "mesh":
+        target = _mesh.placement(layout)[1]
+        if target is not None:
+            v = jax.device_put(v, _mesh.placement(layout)[0])
+        return _state(layout, "mesh split", lambda: _jit(_mesh.rebuild, layout))(v)  # type: ignore[no-any-return]
+    if path == "device":
+        out = _state(layout, "split", lambda: _jit(_reference_split, layout))(v)
+        return out if v.committed else jax.device_put(out)  # type: ignore[no-any-return]
+    host: _Host = _state(layout, "host", lambda: _Host(layout))
+    if host.cutter is not None and host.cutter[:2] == (v.dtype, device) and not _FORKED:
+        out = host.cutter[2](v)
+        return jax.device_put(out, device) if v.committed else out  # type: ignore[no-any-return]
+    t0 = time.perf_counter()
+    a = np.asarray(v)
+    pieces = [cast(a[s : s + n].reshape(shape), dt)
+              for s, n, shape, dt in zip(layout.starts, layout.sizes, layout.shapes, layout.dtypes, strict=True)]
+    out = jax.device_put(pieces, device if v.committed else None)
+    if host.due(layout, "split", time.perf_counter() - t0) and host.cutter is None:
+        host.cutter = (v.dtype, device, _cutter(layout, v))
+    return out  # type: ignore[no-any-return]
 
 
-def _jit(fn: Callable[..., Any], *bound: Any, **kw: Any) -> Any:
+def _cutter(layout: Layout, v: jax.Array) -> Callable[[jax.Array], list[Any]]:
+    """Jitted host callbacks cutting ``v``, one per MAX_COMPILE_LEAVES leaves
+    (XLA's own split of many leaves compiles in seconds: 15.8 s at 1000)."""
+    def chunk(lo: int, hi: int) -> Any:
+        rows = list(zip(layout.starts[lo:hi], layout.sizes[lo:hi], layout.shapes[lo:hi],
+                        layout.dtypes[lo:hi], strict=True))
+        out = [jax.ShapeDtypeStruct(shape, dt) for _, _, shape, dt in rows]
+
+        def host(a: Any) -> list[Any]:
+            a = np.asarray(a)
+            return [cast(a[s : s + n].reshape(shape), dt) for s, n, shape, dt in rows]
+
+        aval = jax.ShapeDtypeStruct(v.shape, v.dtype)
+        return jax.jit(lambda v: jax.pure_callback(host, out, v)).lower(aval).compile()
+
+    n = len(layout.shapes)
+    chunks = [chunk(i, min(n, i + MAX_COMPILE_LEAVES)) for i in range(0, n, MAX_COMPILE_LEAVES)]
+    return lambda v: [x for c in chunks for x in c(v)]
+
+
+def _jit(fn: Callable[..., Any], *bound: Any) -> Any:
     """``jax.jit`` of ``fn`` with ``bound`` arguments first, through a new
     function object. jax's tracing caches are keyed weakly on the function
     jitted: had it been ``fn`` itself (module-level, never freed), every
     program compiled from it would stay cached, about 1.5 MiB each on XLA:CPU
     (tests/test_engine.py). A new object is freed, its entries with it, when
-    the plan holding the program goes."""
-    return jax.jit(functools.partial(fn, *bound, **kw))
-
-
-def _concat_varargs(*params: Any, dtype: Any) -> jax.Array:
-    return concat_traced(params, dtype)
+    the layout holding the program goes."""
+    return jax.jit(functools.partial(fn, *bound))
 
 
 @functools.partial(jax.custom_jvp, nondiff_argnums=(0,))
-def split_differentiable(engine: Engine, v: jax.Array) -> list[Any]:
-    """``v`` cut into the parameters. A custom JVP keeps eager ``jax.grad``
-    on the fast concrete path while the tangent is a plain ``lax.split``,
-    which transposes to one concatenate."""
-    return engine.split(v)
+def _split_differentiable(layout: Layout, v: jax.Array) -> list[Any]:
+    return _split(layout, v)
 
 
-@split_differentiable.defjvp
-def _split_jvp(engine: Engine, primals: Any, tangents: Any) -> Any:
+@_split_differentiable.defjvp
+def _split_jvp(layout: Layout, primals: Any, tangents: Any) -> Any:
     (v,), (t,) = primals, tangents
-    return split_differentiable(engine, v), engine._split_traced(t)
+    return _split_differentiable(layout, v), _mesh.rebuild(layout, t)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from . import _nnx
+from . import _predicates as P
 from ._walk import walk
 
 
@@ -32,7 +32,7 @@ def modules(tree: Any, /) -> list[Any]:
     out = []
     for i in w.preorder:
         node = w.frames[i].node
-        if id(node) not in seen and not _nnx.is_variable(node):
+        if id(node) not in seen and not P.is_wrapper(node):
             seen.add(id(node))
             out.append(node)
     return out

@@ -31,15 +31,19 @@ class _Registry:
         self.mutable: tuple[type, ...] = ()  # the same object at two places is one tie
         self.hidden: tuple[type, ...] = ()  # library internals, children only in jax's eyes
         self.per_instance: tuple[type, ...] = (jax.core.Tracer,)  # see is_mutable
+        self.wrappers: tuple[type, ...] = ()  # nodes whose state is their one value
+        self.refused: dict[type, str] = {}  # roots that are a TypeError, and why
         self.mutable_by_type: dict[type, bool] = {}  # see is_mutable
         self.trainable: dict[type, Rule] = {}
         self.version = 0
 
     def snapshot(self) -> tuple[Any, ...]:
-        return self.leaves, self.mutable, self.hidden, self.per_instance, dict(self.trainable)
+        return (self.leaves, self.mutable, self.hidden, self.per_instance, self.wrappers,
+                dict(self.refused), dict(self.trainable))
 
     def restore(self, snap: tuple[Any, ...]) -> None:
-        self.leaves, self.mutable, self.hidden, self.per_instance, trainable = snap
+        self.leaves, self.mutable, self.hidden, self.per_instance, self.wrappers, refused, trainable = snap
+        self.refused = dict(refused)
         self.trainable = dict(trainable)
         self.mutable_by_type = {}
         self.version += 1
@@ -93,14 +97,17 @@ def register_leaf(cls: type) -> type:
 
 
 def register_mutable(cls: type, *, hidden: tuple[type, ...] = (),
-                     per_instance: tuple[type, ...] = ()) -> None:
+                     per_instance: tuple[type, ...] = (), wrapper: bool = False) -> None:
     """Library hook (see ``_nnx``): instances of ``cls`` are mutable nodes,
     tied by identity; children of the ``hidden`` types are not shown to users;
     ``isinstance(x, cls)`` looks at more than ``type(x)`` for instances of
-    the ``per_instance`` types (see ``is_mutable``)."""
+    the ``per_instance`` types (see ``is_mutable``); a ``wrapper`` (an
+    ``nnx.Variable``) stands for its one value: ``state`` gives the value,
+    ``modules`` and ``summary`` do not list it."""
     REGISTRY.mutable = (*REGISTRY.mutable, cls)
     REGISTRY.hidden = (*REGISTRY.hidden, *hidden)
     REGISTRY.per_instance = (*REGISTRY.per_instance, *per_instance)
+    REGISTRY.wrappers = (*REGISTRY.wrappers, cls) if wrapper else REGISTRY.wrappers
     REGISTRY.mutable_by_type = {}
     REGISTRY.version += 1
 
@@ -152,6 +159,34 @@ def register_trainable(cls: type, fields: Iterable[Any] | Callable[[Any], Iterab
 def _set_rule(cls: type, rule: Rule) -> None:
     REGISTRY.trainable[cls] = rule
     REGISTRY.version += 1
+
+
+def refuse_root(cls: type, why: str) -> None:
+    """Library hook (see ``_nnx``): a tree whose root is a ``cls`` instance is
+    a ``TypeError`` saying ``why`` (e.g. a Flax Linen module holds no arrays)."""
+    REGISTRY.refused[cls] = why
+    REGISTRY.version += 1
+
+
+def is_wrapper(x: Any) -> bool:
+    """A node that stands for its one value (an ``nnx.Variable``)."""
+    return bool(REGISTRY.wrappers) and isinstance(x, REGISTRY.wrappers)
+
+
+def check_root(tree: Any) -> None:
+    """Refuse a class where an instance is expected, and registered roots.
+
+    Raises:
+      TypeError: ``tree`` is a class, or an instance of a refused type.
+    """
+    if isinstance(tree, type):
+        raise TypeError(
+            f"got the class {tree.__module__}.{tree.__qualname__} where an instance was "
+            f"expected; build one first, e.g. {tree.__name__}(...)"
+        )
+    for cls, why in REGISTRY.refused.items():
+        if isinstance(tree, cls):
+            raise TypeError(f"got a {type(tree).__name__}: {why}")
 
 
 def is_registered_leaf(x: Any) -> bool:
@@ -241,9 +276,14 @@ def isnumeric(x: Any) -> bool:
       >>> jaxflat.isnumeric(jax.random.key(0))
       False
     """
-    if not isinstance(x, ARRAY_TYPES) or is_registered_leaf(x):
+    return isinstance(x, ARRAY_TYPES) and numeric_array(x)
+
+
+def numeric_array(x: Any) -> bool:
+    """:func:`isnumeric` of ``x``, known to be an array (of ``ARRAY_TYPES``)."""
+    if REGISTRY.leaves and isinstance(x, REGISTRY.leaves):
         return False
-    dtype = cast(Any, x).dtype
+    dtype = x.dtype
     # A cache that cannot go stale: the answer is a pure function of the dtype.
     ok = _INEXACT.get(dtype)
     if ok is None:

@@ -9,7 +9,6 @@ import jax.numpy as jnp
 import numpy as np
 from jax import tree_util as jtu
 
-from . import _nnx
 from . import _predicates as P
 from ._errors import describe, raise_all, where
 from ._walk import EMPTY, FRAME, LEAF, Frame, Item, Walk, walk
@@ -36,7 +35,7 @@ def _state_empty(x: Any) -> Any:
 
 def _state_node(frame: Frame, values: list[Any]) -> Any:
     node = frame.node
-    if _nnx.is_variable(node):
+    if P.is_wrapper(node):
         return values[0] if len(values) == 1 else ()
     if type(node) in (tuple, list):
         return type(node)(values)
@@ -134,7 +133,7 @@ class _Matcher:
 
     def _frame(self, fr: Frame, d: Item, s: Item, path: tuple[Any, ...]) -> None:
         src = self._value(s)
-        if _nnx.is_variable(fr.node) and not _nnx.is_variable(src):
+        if P.is_wrapper(fr.node) and not P.is_wrapper(src):
             (k, it), = self._named(self.w, d).values()  # a Variable's state is its value
             return self._item(it, s, (*path, k))
         if s[0] == LEAF or src is None:
@@ -162,7 +161,7 @@ class _Matcher:
 
     def _empty(self, d: Any, s: Item, path: tuple[Any, ...]) -> None:
         src = self._value(s)
-        if d is None and _nnx.is_variable(src):  # a Variable's state is its value
+        if d is None and P.is_wrapper(src):  # a Variable's state is its value
             (_, s), = self._named(self.src, s).values()
             src = self._value(s)
         if d is None and s[0] == LEAF and _isarray(src):  # an inactive parameter (bias=None)
@@ -209,7 +208,7 @@ def _hidden(it: Item) -> bool:
 
 
 def _describe(x: Any) -> str:
-    if _nnx.is_variable(x):
+    if P.is_wrapper(x):
         return (f"an nnx.{type(x).__name__} wrapper (src holds nnx Variables where dst holds "
                 "arrays: are dst and src swapped? loadmodel(dst, src) loads src into dst)")
     return describe(x)

@@ -8,7 +8,6 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from . import _nnx
 from . import _predicates as P
 from ._walk import FRAME, LEAF, walk
 
@@ -86,7 +85,7 @@ def summary(tree: Any, /) -> str:
             return
         fr = w.frames[i]
         c = frame_counts[i]
-        if _nnx.is_variable(fr.node) or not (c[0] or c[2]):
+        if P.is_wrapper(fr.node) or not (c[0] or c[2]):
             return
         text = "  " * depth + label + type(fr.node).__name__
         lines.append(f"{text:<40} # {_counts(c[:4])}")

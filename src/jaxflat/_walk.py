@@ -23,7 +23,6 @@ from typing import Any, Generic, NamedTuple, TypeVar, cast
 
 from jax import tree_util as jtu
 
-from . import _nnx  # noqa: F401  (registers Flax NNX's rules)
 from . import _predicates as P
 
 LEAF, FRAME, EMPTY = 0, 1, 2
@@ -90,17 +89,9 @@ def rebuild(
     return leaves[i] if kind == LEAF else built[i]
 
 
-def _check_root(tree: Any) -> None:
-    if isinstance(tree, type):
-        raise TypeError(
-            f"got the class {tree.__module__}.{tree.__qualname__} where an instance was "
-            f"expected; build one first, e.g. {tree.__name__}(...)"
-        )
-
-
 def walk(tree: Any) -> Walk:
     """Walk ``tree`` once; see the module docstring."""
-    _check_root(tree)
+    P.check_root(tree)
     w = Walk()
     memo: dict[int, int] = {}
     position = 0  # index into jax's own flat leaves (which repeat tied subtrees)
@@ -190,8 +181,12 @@ class Structure(NamedTuple):
     dynamic: bool  # a callable trainable rule decided it: not cached, not reused
 
 
-_NEEDS_TIES = Structure(None, list, (), (), None, True, False)  # marker: look up with the tie pattern
-_STRUCTURES: LRU[Any, Structure] = LRU(256)
+class NeedsTies:
+    """Cached under a treedef's plain key when its trees hold mutable nodes:
+    their walk depends on ties too, so look up again with the tie pattern."""
+
+
+_STRUCTURES: LRU[Any, Structure | NeedsTies] = LRU(256)
 
 
 def _flatten_with_ties(tree: Any, registered: Any) -> tuple[list[Any], Any, tuple[int, ...]]:
@@ -223,7 +218,7 @@ def structure(tree: Any) -> tuple[list[Any], Structure]:
     structure: whether a leaf is a parameter is decided per call. So a
     cached Structure is exactly what a fresh walk of the tree would give.
     """
-    _check_root(tree)
+    P.check_root(tree)
     version = P.REGISTRY.version
     registered = P.is_registered_leaf if P.REGISTRY.leaves else None
     w = None
@@ -231,17 +226,17 @@ def structure(tree: Any) -> tuple[list[Any], Structure]:
         leaves, treedef = jtu.tree_flatten(tree, is_leaf=registered)
         treedef = cast(Any, treedef)  # jaxlib ships no stub for PyTreeDef's attributes
         hit = _STRUCTURES.get((treedef, version, None))
-        if hit is not None and not hit.mutable:
+        if isinstance(hit, Structure):
             return leaves, hit
         if hit is None:
             w = walk(tree)
             if not w.mutable:
                 return w.leaves, _remember(w, (treedef, version, None), treedef.unflatten)
-            _STRUCTURES.put((treedef, version, None), _NEEDS_TIES)
+            _STRUCTURES.put((treedef, version, None), NeedsTies())
     full, treedef, pattern = _flatten_with_ties(tree, registered)
     key = (treedef, version, pattern)
     hit = _STRUCTURES.get(key)
-    if hit is not None:
+    if isinstance(hit, Structure):
         return (full if hit.take is None else [full[i] for i in hit.take]), hit
     w = w or walk(tree)
     unflatten = functools.partial(rebuild, w.skeleton()) if w.tied else treedef.unflatten
@@ -251,4 +246,6 @@ def structure(tree: Any) -> tuple[list[Any], Structure]:
 def _remember(w: Walk, key: Any, unflatten: Callable[[list[Any]], Any]) -> Structure:
     take = tuple(w.take) if w.tied else None
     st = Structure(key, unflatten, tuple(w.paths), tuple(w.train), take, w.mutable, w.dynamic)
-    return st if w.dynamic else _STRUCTURES.put(key, st)
+    if not w.dynamic:
+        _STRUCTURES.put(key, st)
+    return st
