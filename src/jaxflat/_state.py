@@ -122,7 +122,7 @@ class _Matcher:
 
     def _item(self, d: Item, s: Item, path: tuple[Any, ...]) -> None:
         kind, i = d
-        if kind == LEAF and _isarray(self.w.leaves[i]) or kind == FRAME and _nnx.is_variable(self.w.frames[i].node):
+        if kind == LEAF and _isarray(self.w.leaves[i]) or kind == FRAME and P.is_wrapper(self.w.frames[i].node):
             s = self._unvalue(s)
         if kind == LEAF:
             self._leaf(i, self.w.leaves[i], s, path)
