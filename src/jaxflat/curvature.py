@@ -537,7 +537,7 @@ class _EigState(NamedTuple):
     scale: Array  # largest |A q| seen: the spectrum's scale
     done: Array
     converged: Array
-    key: Array
+    seed: Array  # for the restart vectors
 
 
 def _ritz(t: Array, active: Array) -> tuple[Array, Array, Array]:
@@ -570,21 +570,35 @@ def _gram(a: Array, b: Array, sharding: Any = None) -> Array:
     return a @ b.T
 
 
+def _noise(seed: Array, step: Array, shape: tuple[int, int], dtype: Any, sharding: Any) -> Array:
+    """Vectors in general position for restarts, from an integer hash of (seed, step, row, index).
+
+    They need not be statistically random, only not special; this compiles in
+    a fraction of the time of ``jax.random`` inside a loop body."""
+    u32 = jnp.uint32
+    i = jnp.arange(shape[1], dtype=u32)[None, :] * u32(0x9E3779B1)
+    h = i + (jnp.arange(shape[0], dtype=u32)[:, None] * u32(0x85EBCA77)
+             + step.astype(u32) * u32(0xC2B2AE3D) + seed.astype(u32))
+    for shift, mul in ((16, 0x7FEB352D), (15, 0x846CA68B)):
+        h = (h ^ (h >> u32(shift))) * u32(mul)
+    h = h ^ (h >> u32(16))
+    return _lay(sharding, (h >> u32(8)).astype(dtype) / 2**24 - 0.5)
+
+
 def _project_out(q: Array, w: Array, sharding: Any = None) -> Array:
     for _ in range(2):  # classical Gram-Schmidt, twice
         w = w - _gram(q, w, sharding).T @ q
     return w
 
 
-def _new_block(q: Array, r: Array, key: Array, thresh: Array, sharding: Any = None) -> tuple[Array, Array]:
+def _new_block(q: Array, r: Array, u: Array, thresh: Array, sharding: Any = None) -> tuple[Array, Array]:
     """Orthonormal rows spanning ``r`` (rows already orthogonal to q), by Gram-Schmidt.
 
     A row that adds less than ``thresh`` (an invariant subspace, or a
-    repeated direction) is replaced by a random one orthogonal to q and to
+    repeated direction) is replaced by the row of ``u`` (generic vectors) orthogonal to q and to
     the rows before it; where none is left (q spans the space) the row is
     zero. Returns (rows, dead)."""
     eps = jnp.finfo(r.dtype).eps
-    u = _lay(sharding, jax.random.normal(key, r.shape, r.dtype))
     alt_all = _project_out(q, u, sharding)
     rows: list[Array] = []
     dead: list[Array] = []
@@ -604,17 +618,17 @@ def _new_block(q: Array, r: Array, key: Array, thresh: Array, sharding: Any = No
 
 def _eig_init(x: Array, key: Array, cfg: _EigCfg) -> _EigState:
     dt = _dtype(x)
-    start, key = jax.random.split(key)
+    start = _lay(cfg.sharding, jax.random.normal(key, (cfg.b + 1, cfg.n), dt))
     q = _lay(cfg.sharding, jnp.zeros((cfg.cap, cfg.n), dt))
-    block, dead = _new_block(q, _lay(cfg.sharding, jax.random.normal(start, (cfg.b, cfg.n), dt)), start,
-                             jnp.zeros((), dt), cfg.sharding)
+    block, dead = _new_block(q, start[1:], start[1:], jnp.zeros((), dt), cfg.sharding)
+    seed = jax.random.bits(key, (), jnp.uint32)
     q = _lay(cfg.sharding, q.at[: cfg.b].set(block))
     live = jnp.zeros(cfg.cap, bool).at[: cfg.b].set(~dead)
     z = jnp.zeros(cfg.k, dt)
     return _EigState(q, jnp.zeros((cfg.cap, cfg.cap), dt), jnp.zeros((), jnp.int32), live, z,
                      jnp.zeros((cfg.cap, cfg.k), dt), z, jnp.full(cfg.k, jnp.inf, dt),
                      jnp.zeros((), jnp.int32), jnp.zeros((), dt), jnp.zeros((), bool),
-                     jnp.zeros((), bool), key)
+                     jnp.zeros((), bool), seed)
 
 
 def _eig_block(st: _EigState, cfg: _EigCfg) -> Array:
@@ -626,7 +640,6 @@ def _eig_step(st: _EigState, w: Array, tol: Any, cfg: _EigCfg) -> _EigState:
     b, cap, k = cfg.b, cfg.cap, cfg.k
     dt = st.q.dtype
     eps = jnp.finfo(dt).eps
-    key, sub = jax.random.split(st.key)
     s, q = st.s, st.q
     h = _gram(q, w, cfg.sharding)  # (cap, b): rows past the block are zero
     diag = jax.lax.dynamic_slice_in_dim(h, s, b, 0)
@@ -634,7 +647,8 @@ def _eig_step(st: _EigState, w: Array, tol: Any, cfg: _EigCfg) -> _EigState:
     t = jax.lax.dynamic_update_slice_in_dim(st.t, h, s, 1)
     t = jax.lax.dynamic_update_slice_in_dim(t, h.T, s, 0)
     scale = jnp.maximum(st.scale, jnp.max(jnp.linalg.norm(w, axis=1)))
-    new, dead = _new_block(q, _project_out(q, w, cfg.sharding), sub, 100 * eps * scale, cfg.sharding)
+    u = _noise(st.seed, st.matvecs, w.shape, dt, cfg.sharding)
+    new, dead = _new_block(q, _project_out(q, w, cfg.sharding), u, 100 * eps * scale, cfg.sharding)
     new = _lay(cfg.sharding, new)
     coupling = _gram(new, w, cfg.sharding)  # (b, b): the new block's coupling to the one just multiplied
     s1 = s + b
@@ -676,7 +690,7 @@ def _eig_step(st: _EigState, w: Array, tol: Any, cfg: _EigCfg) -> _EigState:
     branch = jnp.where(done, 0, jnp.where(s1 + b <= cap, 1, 2))
     q, t, s_next, live = jax.lax.switch(branch, [same, grow, restart])
     return _EigState(q, t, s_next, live, vals, coef, res, change, matvecs, scale, done,
-                     converged, key)
+                     converged, st.seed)
 
 
 def _eig_finish(st: _EigState, cfg: _EigCfg) -> tuple[Array, Array, EigenInfo]:
@@ -1043,7 +1057,7 @@ class _LanState(NamedTuple):
     betas: Array
     basis: Array  # (runs, r, n): the last r vectors
     scale: Array  # (runs,)
-    key: Array
+    seed: Array  # for the restart vectors
 
 
 def _unit(v: Array) -> Array:
@@ -1052,11 +1066,11 @@ def _unit(v: Array) -> Array:
 
 def _dens_init(x: Array, key: Array, cfg: _DensCfg) -> _LanState:
     dt = _dtype(x)
-    start, key = jax.random.split(key)
-    q = _lay(cfg.sharding, _unit(jax.random.normal(start, (cfg.runs, cfg.n), dt)))
+    q = _lay(cfg.sharding, _unit(jax.random.normal(key, (cfg.runs, cfg.n), dt)))
+    seed = jax.random.bits(jax.random.fold_in(key, 1), (), jnp.uint32)
     zr, zm = jnp.zeros(cfg.runs, dt), jnp.zeros((cfg.runs, cfg.m), dt)
     basis = _lay(cfg.sharding, jnp.zeros((cfg.runs, cfg.r, cfg.n), dt))
-    return _LanState(jnp.zeros((), jnp.int32), q, jnp.zeros_like(q), zr, zm, zm, basis, zr, key)
+    return _LanState(jnp.zeros((), jnp.int32), q, jnp.zeros_like(q), zr, zm, zm, basis, zr, seed)
 
 
 def _dens_step(st: _LanState, w: Array, cfg: _DensCfg) -> _LanState:
@@ -1064,7 +1078,6 @@ def _dens_step(st: _LanState, w: Array, cfg: _DensCfg) -> _LanState:
     goes on from a fresh random vector, uncoupled (a zero beta)."""
     eps = float(jnp.finfo(st.q.dtype).eps)
     j, q = st.j, st.q
-    key, sub = jax.random.split(st.key)
     basis = st.basis
 
     def project(v: Array) -> Array:  # elementwise products: unambiguous on a sharded axis
@@ -1080,14 +1093,14 @@ def _dens_step(st: _LanState, w: Array, cfg: _DensCfg) -> _LanState:
     beta = jnp.linalg.norm(w, axis=1)
     scale = jnp.maximum(st.scale, jnp.abs(alpha) + beta + st.beta_prev)
     broke = beta <= 100 * eps * scale
-    u = _lay(cfg.sharding, jax.random.normal(sub, q.shape, q.dtype))
+    u = _noise(st.seed, j, q.shape, q.dtype, cfg.sharding)
     u = u - jnp.sum(u * q, axis=1, keepdims=True) * q
     u = _unit(project(u) if cfg.r else u)
     q_next = jnp.where(broke[:, None], u, w / jnp.where(broke, 1, beta)[:, None])
     beta = jnp.where(broke, 0, beta)
     alphas, betas = st.alphas.at[:, j].set(alpha), st.betas.at[:, j].set(beta)
     _progress(cfg.progress, "density", (j + 1) * cfg.runs, alpha)
-    return _LanState(j + 1, _lay(cfg.sharding, q_next), q, beta, alphas, betas, basis, scale, key)
+    return _LanState(j + 1, _lay(cfg.sharding, q_next), q, beta, alphas, betas, basis, scale, st.seed)
 
 
 def _dens_finish(st: _LanState, cfg: _DensCfg) -> tuple[Array, Array]:
