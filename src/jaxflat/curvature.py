@@ -570,7 +570,7 @@ def _gram(a: Array, b: Array, sharding: Any = None) -> Array:
     return a @ b.T
 
 
-def _noise(seed: Array, step: Array, shape: tuple[int, int], dtype: Any, sharding: Any) -> Array:
+def _noise(seed: Array, step: Array, shape: tuple[int, ...], dtype: Any, sharding: Any) -> Array:
     """Vectors in general position for restarts, from an integer hash of (seed, step, row, index).
 
     They need not be statistically random, only not special; this compiles in
