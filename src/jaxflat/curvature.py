@@ -70,7 +70,7 @@ __all__ = (
 
 Array = jax.Array
 _WHICH = ("LA", "SA", "LM", "BE")
-_PROBE_BLOCK = 10  # probes per block in trace/diagonal: see benchmarks/CURVATURE.md
+_PROBE_BLOCK = 5  # probes per block in trace/diagonal: see benchmarks/CURVATURE.md
 
 
 class EigenInfo(NamedTuple):
@@ -180,6 +180,13 @@ def _check_x(name: str, x: Any) -> None:
 def _check_f(name: str, f: Any) -> None:
     if not callable(f):
         raise TypeError(f"{name}: f must be a function of x (or curvature.ggn(...)), got {type(f).__name__}")
+    try:
+        hash(f)
+    except TypeError:
+        raise TypeError(
+            f"{name}: f must be hashable (it keys the compiled program), got an unhashable "
+            f"{type(f).__name__}; pass a function defined once, e.g. `def f(v): return model(v)`"
+        ) from None
 
 
 def _check_int(name: str, arg: str, value: Any, low: int) -> int:
@@ -599,7 +606,13 @@ def _new_block(q: Array, r: Array, u: Array, thresh: Array, sharding: Any = None
     the rows before it; where none is left (q spans the space) the row is
     zero. Returns (rows, dead)."""
     eps = jnp.finfo(r.dtype).eps
-    alt_all = _project_out(q, u, sharding)
+    # Gram-Schmidt's row norms are the diagonal of the Cholesky factor of r r^T: when none
+    # is small (the usual case), skip projecting the replacement rows (a pass over q).
+    # (Cholesky in floating point resolves only sqrt(eps): a row that keeps less than 1% of
+    # its norm is checked the slow way.)
+    chol = jnp.diag(jnp.linalg.cholesky(_gram(r, r, sharding)))
+    need = ~jnp.all(chol > jnp.maximum(2 * thresh, 1e-2 * jnp.linalg.norm(r, axis=1)))
+    alt_all = jax.lax.cond(need, lambda: _project_out(q, u, sharding), lambda: u)
     rows: list[Array] = []
     dead: list[Array] = []
     for i in range(r.shape[0]):
@@ -608,7 +621,7 @@ def _new_block(q: Array, r: Array, u: Array, thresh: Array, sharding: Any = None
             for prev in rows:
                 v = v - jnp.sum(v * prev) * prev
                 alt = alt - jnp.sum(alt * prev) * prev
-        strong = jnp.linalg.norm(v) > thresh
+        strong = ~need | (jnp.linalg.norm(v) > thresh)
         ok = strong | (jnp.linalg.norm(alt) > jnp.sqrt(eps) * jnp.linalg.norm(u[i]))
         pick = jnp.where(strong, v, alt)
         rows.append(jnp.where(ok, pick / jnp.where(ok, jnp.linalg.norm(pick), 1), 0))
@@ -852,7 +865,10 @@ class _Moments(NamedTuple):
 
 
 def _probes(key: Array, i: Any, size: int, x: Array, cfg: _HutchCfg) -> Array:
-    z = jax.random.rademacher(jax.random.fold_in(key, i), (size, cfg.n), _dtype(x))
+    """Rademacher vectors, 32 signs from each random 32-bit word (a fraction of the hashing)."""
+    words = jax.random.bits(jax.random.fold_in(key, i), (size, -(-cfg.n // 32)), jnp.uint32)
+    bits = (words[:, :, None] >> jnp.arange(32, dtype=jnp.uint32)[None, None, :]) & jnp.uint32(1)
+    z = 2 * bits.reshape(size, -1)[:, : cfg.n].astype(_dtype(x)) - 1
     return _lay(cfg.sharding, z)
 
 
@@ -950,7 +966,7 @@ def trace(
     Hutchinson's estimator with Rademacher vectors: the mean of
     ``z @ H @ z`` over ``samples`` random sign vectors ``z`` drawn from
     ``key``, exactly ``samples`` products, ``block`` of them at once (one
-    ``jax.vmap``-ed product: matrix-matrix work, default 10, chosen by
+    ``jax.vmap``-ed product: matrix-matrix work, default 5, chosen by
     measurement; memory grows with it). Its variance per sample is
     ``2 * (sum(H**2) - sum(diag(H)**2))``; ``info=True`` gives the
     standard error estimated from the samples. Exact for a diagonal Hessian.
@@ -964,7 +980,7 @@ def trace(
       data: as in :func:`hvp`.
       info: also return an :class:`EstimateInfo` (``stderr`` a scalar).
       progress: report progress on stderr (also under ``jax.jit``).
-      block: probes per vectorised product (default 10).
+      block: probes per vectorised product (default 5).
 
     Returns:
       A scalar (float32 or ``x``'s wider dtype), or ``(trace, info)``.
@@ -1014,7 +1030,7 @@ def diagonal(
       data: as in :func:`hvp`.
       info: also return an :class:`EstimateInfo` (``stderr`` like ``x``).
       progress: report progress on stderr (also under ``jax.jit``).
-      block: probes per vectorised product (default 10).
+      block: probes per vectorised product (default 5).
 
     Returns:
       A vector like ``x`` (float32 or ``x``'s wider dtype), or ``(diag, info)``.
@@ -1080,9 +1096,12 @@ def _dens_step(st: _LanState, w: Array, cfg: _DensCfg) -> _LanState:
     j, q = st.j, st.q
     basis = st.basis
 
-    def project(v: Array) -> Array:  # elementwise products: unambiguous on a sharded axis
+    explicit = cfg.sharding is not None and any(t == AxisType.Explicit for t in cfg.sharding.mesh.axis_types)
+    replicated: dict[str, Any] = {"out_sharding": NamedSharding(cfg.sharding.mesh, PartitionSpec())} if explicit else {}
+
+    def project(v: Array) -> Array:  # classical Gram-Schmidt against each run's basis, twice
         for _ in range(2):
-            v = v - jnp.sum(jnp.sum(basis * v[:, None, :], axis=2)[:, :, None] * basis, axis=1)
+            v = v - jnp.einsum("rk,rkn->rn", jnp.einsum("rkn,rn->rk", basis, v, **replicated), basis)
         return v
 
     if cfg.r:
@@ -1093,9 +1112,13 @@ def _dens_step(st: _LanState, w: Array, cfg: _DensCfg) -> _LanState:
     beta = jnp.linalg.norm(w, axis=1)
     scale = jnp.maximum(st.scale, jnp.abs(alpha) + beta + st.beta_prev)
     broke = beta <= 100 * eps * scale
-    u = _noise(st.seed, j, q.shape, q.dtype, cfg.sharding)
-    u = u - jnp.sum(u * q, axis=1, keepdims=True) * q
-    u = _unit(project(u) if cfg.r else u)
+
+    def fresh() -> Array:
+        u = _noise(st.seed, j, q.shape, q.dtype, cfg.sharding)
+        u = u - jnp.sum(u * q, axis=1, keepdims=True) * q
+        return _lay(cfg.sharding, _unit(project(u) if cfg.r else u))
+
+    u = jax.lax.cond(jnp.any(broke), fresh, lambda: _lay(cfg.sharding, jnp.zeros_like(q)))
     q_next = jnp.where(broke[:, None], u, w / jnp.where(broke, 1, beta)[:, None])
     beta = jnp.where(broke, 0, beta)
     alphas, betas = st.alphas.at[:, j].set(alpha), st.betas.at[:, j].set(beta)
