@@ -705,7 +705,7 @@ def main() -> None:
     if "gpt2" in sections:
         progress("gpt2")
         r, _, err = run_child(["gpt2", *q], timeout)
-        print("## GPT-2-sized curvature (no reorthogonalisation: `reorth=False`)\n")
+        print("## GPT-2-sized curvature (defaults: the basis shrinks to what 256 MiB holds, at least k + 2 blocks)\n")
         if r is None:
             print(f"failed: {err}\n")
         else:
@@ -718,8 +718,8 @@ def main() -> None:
             print(f"| density(iters=30, reorth=False) | {d['hvps']} | support "
                   f"[{d['support'][0]:.3g}, {d['support'][1]:.3g}] | {d['compile_s']:.1f} | "
                   f"{d['run_s']:.1f} | {d['per_hvp_s']:.2f} | {d['peak_rss_mib']:.0f} |")
-            print("\nTarget: within 8 GiB peak RSS. eigenvalues without kept vectors runs the "
-                  "Lanczos recurrence twice (the second pass builds the eigenvector).\n")
+            print("\nTarget: within 8 GiB peak RSS. A basis of 3 vectors (k + 2 blocks): eigenvalues "
+                  "restarts often; density runs the plain recurrence (no vectors kept).\n")
 
     load1 = os.getloadavg()
     print(f"Load average at the end: {load1[0]:.1f} (1 min), {load1[1]:.1f} (5 min).")

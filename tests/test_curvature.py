@@ -251,6 +251,16 @@ def test_restarted_basis_equals_full_reorthogonalisation():
     np.testing.assert_allclose(small, eigs[:3], rtol=1e-8)
 
 
+def test_default_basis_shrinks_to_the_byte_budget(monkeypatch):
+    monkeypatch.setattr(curvature, "_BASIS_BYTES", 4 * 100 * 4)  # four float32 vectors of 100
+    f = diag_quadratic(np.r_[np.linspace(0.0, 5.0, 99), 10.0])
+    vals, _, inf = curvature.eigenvalues(f, jnp.zeros(100), key=KEY, tol=1e-7, info=True)
+    np.testing.assert_allclose(vals, [10.0], rtol=1e-5)
+    assert bool(inf.converged)
+    grid, dens = curvature.density(f, jnp.zeros(100), key=KEY, iters=20)  # reorth 4 vectors
+    np.testing.assert_allclose(jnp.trapezoid(dens, grid), 1.0, rtol=1e-5)
+
+
 @pytest.mark.parametrize(
     "f, want",
     [

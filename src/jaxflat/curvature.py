@@ -22,8 +22,8 @@ anew). jax's caches are bounded (least recently used), so they hold ``f``
 only boundedly.
 
 Memory. ``eigenvalues`` keeps a bounded basis (``basis=`` vectors, default
-``max(30, 5 * k)``) and restarts (thick restart, keeping the best Ritz
-vectors), so its memory does not grow with ``iters``; every vector is
+``max(30, 5 * k)``, fewer where that would exceed 256 MiB) and restarts
+(thick restart, keeping the best Ritz vectors), so its memory does not grow with ``iters``; every vector is
 orthogonalised against the whole kept basis, so no mode of ``eigenvalues``
 returns spurious (ghost) eigenvalues. A block of ``min(k, 16)`` vectors is
 multiplied at once (block Lanczos): an eigenvalue repeated up to that many
@@ -71,6 +71,7 @@ __all__ = (
 Array = jax.Array
 _WHICH = ("LA", "SA", "LM", "BE")
 _PROBE_BLOCK = 5  # probes per block in trace/diagonal: see benchmarks/CURVATURE.md
+_BASIS_BYTES = 2**28  # default bases hold at most this much (more only to keep k + 2 blocks)
 
 
 class EigenInfo(NamedTuple):
@@ -772,8 +773,9 @@ def eigenvalues(
     spurious eigenvalues: every vector is kept orthogonal to the basis.
 
     Memory: beyond what ``f``'s gradient (times the block) needs, ``basis``
-    vectors of ``x.size`` (default ``max(30, 5 * k)``, capped by what the
-    space needs). ``basis=iters * k + k`` keeps every vector (full
+    vectors of ``x.size`` (default ``max(30, 5 * k)``, fewer where they would
+    exceed 256 MiB, never fewer than ``k + 2 * block``; capped by what the
+    space needs); XLA keeps about two more copies of it while it runs. ``basis=iters * k + k`` keeps every vector (full
     reorthogonalisation, no restart); each step's Rayleigh-Ritz then costs
     ``basis ** 3``, so keep that for small runs.
 
@@ -791,7 +793,8 @@ def eigenvalues(
       data: as in :func:`hvp`.
       info: also return an :class:`EigenInfo`.
       progress: report progress on stderr (also under ``jax.jit``).
-      basis: vectors kept (``>= k + 2 * block``), default ``max(30, 5 * k)``.
+      basis: vectors kept (``>= k + 2 * block``); default ``max(30, 5 * k)``,
+        fewer above 256 MiB.
 
     Returns:
       ``(vals, vecs)`` or ``(vals, vecs, info)``: ``vals`` of shape ``(k,)``,
@@ -834,7 +837,7 @@ def eigenvalues(
     progress = _check_bool("eigenvalues", "progress", progress)
     b = min(k, 16)
     if basis is None:
-        cap = max(30, 5 * k)
+        cap = max(k + 2 * b, min(max(30, 5 * k), _BASIS_BYTES // (n * _dtype(x).itemsize)))
     else:
         cap = _check_int("eigenvalues", "basis", basis, k + 2 * b)
     cap = min(cap, n + b)  # the whole space and one (empty) block more
@@ -1180,7 +1183,7 @@ def density(
     sigma: float | None = None,
     data: Any = None,
     progress: bool = False,
-    reorth: bool | int = 30,
+    reorth: bool | int | None = None,
 ) -> tuple[Array, Array]:
     """The spectral density of the Hessian (or Gauss-Newton matrix), by stochastic Lanczos quadrature.
 
@@ -1196,9 +1199,10 @@ def density(
     side; ``dens`` is non-negative and ``jnp.trapezoid(dens, grid) == 1``.
 
     Memory: a few vectors per run plus the last ``reorth`` Lanczos vectors
-    kept to reorthogonalise against (``True``: all, ``False``: none; the
-    plain recurrence then produces copies of converged Ritz values, which
-    split their weight and leave the density as it was).
+    kept to reorthogonalise against (default: 30, fewer where they would
+    exceed 256 MiB; ``True``: all, ``False``: none; the plain recurrence then
+    produces copies of converged Ritz values, which split their weight and
+    leave the density as it was).
 
     Args:
       f: scalar function of the flat vector (``f(x, batch)`` with ``data``),
@@ -1211,8 +1215,8 @@ def density(
       sigma: the Gaussians' width (a positive number); ``None`` for 1% of the span.
       data: as in :func:`hvp`.
       progress: report progress on stderr (also under ``jax.jit``).
-      reorth: ``True`` (all Lanczos vectors kept), ``False`` (none) or an
-        integer (the last so many; default 30).
+      reorth: ``True`` (all Lanczos vectors kept), ``False`` (none), an
+        integer (the last so many) or ``None`` (30, fewer above 256 MiB).
 
     Returns:
       ``(grid, dens)``, both of shape ``(points,)``.
@@ -1250,7 +1254,9 @@ def density(
             raise ValueError(f"density: sigma must be a positive number or None, got {sigma!r}")
         sigma = float(sigma)
     m = min(n, iters)
-    if reorth is True or reorth is False:
+    if reorth is None:
+        r = min(m, 30, _BASIS_BYTES // (runs * n * _dtype(x).itemsize))
+    elif reorth is True or reorth is False:
         r = m if reorth else 0
     else:
         r = min(_check_int("density", "reorth", reorth, 0), m)
