@@ -713,9 +713,9 @@ def main() -> None:
             print("| call | HVPs | result | compile s | run s | s per HVP | peak RSS MiB |")
             print("|---|---|---|---|---|---|---|")
             e, d = r["eigenvalues"], r["density"]
-            print(f"| eigenvalues(iters=30, reorth=False) | {e['hvps']} | top {e['top']:.5g} | "
+            print(f"| eigenvalues(iters=30) | {e['hvps']} | top {e['top']:.5g} | "
                   f"{e['compile_s']:.1f} | {e['run_s']:.1f} | {e['per_hvp_s']:.2f} | {e['peak_rss_mib']:.0f} |")
-            print(f"| density(iters=30, reorth=False) | {d['hvps']} | support "
+            print(f"| density(iters=30) | {d['hvps']} | support "
                   f"[{d['support'][0]:.3g}, {d['support'][1]:.3g}] | {d['compile_s']:.1f} | "
                   f"{d['run_s']:.1f} | {d['per_hvp_s']:.2f} | {d['peak_rss_mib']:.0f} |")
             print("\nTarget: within 8 GiB peak RSS. A basis of 3 vectors (k + 2 blocks): eigenvalues "
