@@ -1,35 +1,165 @@
-"""Matrix-free curvature of a loss over a flat vector: Hessian-vector products,
-top eigenvalues (Lanczos), the trace (Hutchinson) and the spectral density
-(stochastic Lanczos quadrature).
+"""Matrix-free curvature of a loss over a flat vector: Hessian- (or Gauss-Newton-)
+vector products, extreme eigenvalues, the trace, the diagonal and the spectral
+density.
 
 Everything here needs only a flat vector ``x`` and a scalar function ``f`` of
 it, typically ``f = lambda v: loss(re(v), batch)`` with
-``flat, re = jaxflat.destructure(model)``. With ``data=`` (an iterable of
-batches) ``f`` is called as ``f(x, batch)`` and the Hessian is the mean of
-the batches' Hessians.
+``flat, re = jaxflat.destructure(model)``, or the Gauss-Newton operator
+``ggn(model_fn, loss_fn)`` in its place. With ``data=`` ``f`` is called as
+``f(x, batch)`` and the operator is that of the mean loss over all examples.
 
-Every loop (Lanczos, Hutchinson) runs inside ``jax.lax``: a call compiles
-its loop once, whatever the number of steps. A call under ``jax.jit`` with
-``f`` fixed compiles once for all calls (e.g. to track the sharpness while
-training). On a sharded ``x`` every vector is laid out like ``x`` (a basis
-of Lanczos vectors is sharded along its second axis like ``x``).
+Compiling once. Each function runs one compiled program (or, for a streamed
+``data=`` list, a few compiled pieces driven from Python), jitted with ``f``
+as a *static* argument: jax's own jit cache, keyed on ``f``'s identity, on
+the static options and on the shapes and dtypes of ``x``, ``key`` and the
+batches, hands back the program compiled by the first call. A cached program
+equals a fresh one because a jitted program depends on nothing else: ``f``
+is assumed pure (jax's rule for static functions), so the same ``f`` traced
+again would give the same program. The corollary: arrays that ``f`` closes
+over are baked in when it is first compiled; pass what changes through
+``data=`` (or ``x``), and keep one ``f`` (a new lambda per call compiles
+anew). jax's caches are bounded (least recently used), so they hold ``f``
+only boundedly.
+
+Memory. ``eigenvalues`` keeps a bounded basis (``basis=`` vectors, default
+``max(30, 5 * k)``, fewer where that would exceed 256 MiB) and restarts
+(thick restart, keeping the best Ritz vectors), so its memory does not grow with ``iters``; every vector is
+orthogonalised against the whole kept basis, so no mode of ``eigenvalues``
+returns spurious (ghost) eigenvalues. A block of ``min(k, 16)`` vectors is
+multiplied at once (block Lanczos): an eigenvalue repeated up to that many
+times comes back repeated. ``density`` runs the plain Lanczos recurrence
+with the last ``reorth`` vectors kept.
+
+matfree. `matfree <https://github.com/pnkraemer/matfree>`_ implements
+Lanczos, stochastic Lanczos quadrature and Hutchinson-type estimators in JAX.
+We own this code instead: what jaxflat needs and matfree does not give in
+one piece is the thick-restarted *block* Krylov method (bounded memory and
+repeated eigenvalues), a Python-driven loop for data streamed one batch at a
+time, the Gauss-Newton operator, progress from inside ``jax.jit`` and the
+sharded layout of every vector; the building blocks we would take from it
+(a Lanczos step, a Rademacher probe) are a few lines each. A dependency for
+them would pin jaxflat to another project's release cycle for little code.
 """
 
 from __future__ import annotations
 
-import math
-from collections.abc import Callable, Iterable
-from typing import Any, NamedTuple, cast
+import numbers
+import sys
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from functools import partial
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 from jax.sharding import AxisType, NamedSharding, PartitionSpec
 
-__all__ = ("density", "eigenvalues", "hvp", "trace")
+__all__ = (
+    "EigenInfo",
+    "EstimateInfo",
+    "GGN",
+    "density",
+    "diagonal",
+    "eigenvalues",
+    "ggn",
+    "hvp",
+    "trace",
+)
 
 Array = jax.Array
-_Layout = Callable[[Array], Array]
+_WHICH = ("LA", "SA", "LM", "BE")
+_PROBE_BLOCK = 5  # probes per block in trace/diagonal: see benchmarks/CURVATURE.md
+_BASIS_BYTES = 2**28  # default bases hold at most this much (more only to keep k + 2 blocks)
+
+
+class EigenInfo(NamedTuple):
+    """How far to trust ``eigenvalues``: products used, convergence, residuals.
+
+    ``matvecs``: operator products used; ``converged``: the stopping rule
+    (``tol``) was met (or the whole space was spanned) before the budget ran
+    out; ``residuals``: ``||H v - lambda v||`` per eigenpair, from the
+    Lanczos relation (in the order of the eigenvalues).
+    """
+
+    matvecs: Array
+    converged: Array
+    residuals: Array
+
+
+class EstimateInfo(NamedTuple):
+    """How far to trust ``trace`` / ``diagonal``: products used and standard error.
+
+    ``matvecs``: operator products (exactly ``samples``); ``converged``:
+    always true (a fixed number of probes; read ``stderr``); ``stderr``: the
+    standard error of the estimate (a scalar for ``trace``, like ``x`` for
+    ``diagonal``; NaN with one sample).
+    """
+
+    matvecs: Array
+    converged: Array
+    stderr: Array
+
+
+@dataclass(frozen=True)
+class GGN:
+    """The generalised Gauss-Newton operator of ``loss_fn(model_fn(x, ...), ...)``.
+
+    Made by :func:`ggn`; pass it wherever a loss ``f`` goes. Calling it
+    evaluates the loss. Two ``GGN`` of the same functions are equal, so a
+    second call with ``ggn(model_fn, loss_fn)`` made anew does not compile
+    again.
+
+    Example:
+      >>> import jax.numpy as jnp
+      >>> from jaxflat import curvature
+      >>> op = curvature.ggn(lambda x: x ** 2, lambda out: 0.5 * jnp.sum(out ** 2))
+      >>> op(jnp.array([1.0, 2.0]))
+      Array(8.5, dtype=float32)
+    """
+
+    model_fn: Callable[..., Any]
+    loss_fn: Callable[..., Any]
+
+    def __call__(self, x: Array, *batch: Any) -> Any:
+        return self.loss_fn(self.model_fn(x, *batch), *batch)
+
+
+def ggn(model_fn: Callable[..., Any], loss_fn: Callable[..., Any]) -> GGN:
+    """The generalised Gauss-Newton matrix ``J^T H_loss J``, as an operator.
+
+    ``J`` is the Jacobian of ``model_fn`` at ``x`` and ``H_loss`` the Hessian
+    of ``loss_fn`` at the model's output: ``model_fn(x)`` and ``loss_fn(out)``
+    without ``data=``, ``model_fn(x, batch)`` and ``loss_fn(out, batch)``
+    with it. It is positive semi-definite for a convex ``loss_fn`` (the
+    Fisher for the usual likelihood losses). A product costs a forward pass,
+    a Jacobian-vector product, a loss Hessian-vector product on the output
+    and a vector-Jacobian product back. Every function of this module takes
+    it in place of ``f``.
+
+    Args:
+      model_fn: the flat vector (and a batch) to the model's output (any pytree).
+      loss_fn: the output (and the batch) to a scalar loss.
+
+    Returns:
+      A :class:`GGN` (callable: the loss).
+
+    Raises:
+      TypeError: an argument is not callable.
+
+    Example:
+      >>> import jax.numpy as jnp
+      >>> from jaxflat import curvature
+      >>> a = jnp.array([[1.0, 2.0], [0.0, 1.0]])
+      >>> op = curvature.ggn(lambda x: a @ x, lambda out: 0.5 * jnp.sum(out ** 2))
+      >>> curvature.hvp(op, jnp.zeros(2), jnp.array([1.0, 0.0]))  # a.T @ a @ v
+      Array([1., 2.], dtype=float32)
+    """
+    for name, fn in (("model_fn", model_fn), ("loss_fn", loss_fn)):
+        if not callable(fn):
+            raise TypeError(f"ggn: {name} must be callable, got {type(fn).__name__} {fn!r:.60}")
+    return GGN(model_fn, loss_fn)
 
 
 # ---------------------------------------------------------------- arguments
@@ -48,63 +178,131 @@ def _check_x(name: str, x: Any) -> None:
         raise ValueError(f"{name}: x is empty (shape (0,)): there is no Hessian")
 
 
+def _check_f(name: str, f: Any) -> None:
+    if not callable(f):
+        raise TypeError(f"{name}: f must be a function of x (or curvature.ggn(...)), got {type(f).__name__}")
+    try:
+        hash(f)
+    except TypeError:
+        raise TypeError(
+            f"{name}: f must be hashable (it keys the compiled program), got an unhashable "
+            f"{type(f).__name__}; pass a function defined once, e.g. `def f(v): return model(v)`"
+        ) from None
+
+
 def _check_int(name: str, arg: str, value: Any, low: int) -> int:
-    if isinstance(value, bool) or not isinstance(value, int | np.integer) or value < low:
+    if isinstance(value, bool) or not isinstance(value, int | np.integer):
+        raise TypeError(f"{name}: {arg} must be an integer >= {low}, got {value!r} ({type(value).__name__})")
+    if value < low:
         raise ValueError(f"{name}: {arg} must be an integer >= {low}, got {value!r}")
     return int(value)
 
 
-def _reorth_size(name: str, reorth: bool | int, steps: int) -> int:
-    """How many Lanczos vectors are kept: all (True), none (False), or the last ``reorth``."""
-    if reorth is True:
-        return steps
-    if reorth is False:
-        return 0
-    return min(_check_int(name, "reorth", reorth, 0), steps)
+def _check_bool(name: str, arg: str, value: Any) -> bool:
+    if not isinstance(value, bool | np.bool_):
+        raise TypeError(f"{name}: {arg} must be True or False, got {value!r}")
+    return bool(value)
+
+
+def _check_key(name: str, key: Any) -> None:
+    typed = isinstance(key, jax.Array) and jnp.issubdtype(key.dtype, jax.dtypes.prng_key)
+    legacy = isinstance(key, jax.Array) and key.dtype == jnp.uint32 and key.shape == (2,)
+    if not ((typed and key.shape == ()) or legacy):
+        got = f"{key!r:.60}" if not isinstance(key, jax.Array) else f"an array {key.dtype}{list(key.shape)}"
+        raise TypeError(f"{name}: key must be one jax.random key, e.g. jax.random.key(0), got {got}")
+
+
+def _check_tol(name: str, tol: Any) -> Any:
+    if isinstance(tol, bool) or not (
+        isinstance(tol, numbers.Real) or (isinstance(tol, jax.Array | np.ndarray) and tol.shape == ())
+    ):
+        raise TypeError(f"{name}: tol must be a number >= 0, got {tol!r} ({type(tol).__name__})")
+    if not isinstance(tol, jax.core.Tracer) and not float(tol) >= 0:
+        raise ValueError(f"{name}: tol must be a number >= 0, got {tol!r}")
+    return tol
+
+
+# ---------------------------------------------------------------- data
+
+
+class _Plan(NamedTuple):
+    """How a batch is rebuilt from its arrays: static (hashable) for jit."""
+
+    treedef: Any
+    consts: tuple[tuple[int, Any], ...]  # (position, value) of the non-array leaves
+
+
+class _Data(NamedTuple):
+    kind: str  # "none", "stacked" (a pytree scanned on device) or "streamed" (an iterable)
+    source: Any  # the stacked leaves, or the iterable
+    plan: _Plan | None  # stacked: one batch's plan
 
 
 def _is_array(leaf: Any) -> bool:
     return isinstance(leaf, jax.Array | np.ndarray)
 
 
-class _Data(NamedTuple):
-    """The batches, split into arrays (jit arguments) and a plan to rebuild them."""
+def _split(name: str, i: int, batch: Any) -> tuple[list[Any], _Plan, int]:
+    """A streamed batch: its arrays, its plan, its size (leading axis of its first array)."""
+    leaves, treedef = jax.tree_util.tree_flatten(batch)
+    arrays = [a for a in leaves if _is_array(a)]
+    if not arrays:
+        raise ValueError(
+            f"{name}: data= batch {i} holds no array (got {batch!r:.60}); each batch needs an "
+            "array whose leading axis counts its examples"
+        )
+    if arrays[0].ndim == 0:
+        raise ValueError(
+            f"{name}: data= batch {i}: its first array has shape (); the leading axis of a "
+            "batch's first array is its number of examples"
+        )
+    plan = _Plan(treedef, tuple((j, a) for j, a in enumerate(leaves) if not _is_array(a)))
+    try:
+        hash(plan)
+    except TypeError:
+        raise TypeError(
+            f"{name}: data= batch {i} has a non-array leaf that cannot be hashed; "
+            "batches may hold arrays and hashable constants (str, int, None)"
+        ) from None
+    return arrays, plan, int(arrays[0].shape[0])
 
-    arrays: Any  # stacked leaves (scan) or a list of per-batch leaf lists (unrolled)
-    rebuild: Callable[[Any], Any] | None  # scan: leaves -> batch
-    unrolled: list[Callable[[Any], Any]] | None  # per batch: leaves -> batch
+
+def _rebuild(plan: _Plan, arrays: Any) -> Any:
+    it, consts = iter(arrays), dict(plan.consts)
+    leaves = [consts[j] if j in consts else next(it) for j in range(plan.treedef.num_leaves)]
+    return jax.tree_util.tree_unflatten(plan.treedef, leaves)
 
 
-def _prepare(name: str, data: Iterable[Any] | None) -> _Data | None:
+def _prepare(name: str, data: Any) -> _Data:
     if data is None:
-        return None
-    batches = list(data)
-    if not batches:
-        raise ValueError(f"{name}: data= is empty; pass at least one batch (or data=None)")
-    flat = [jax.tree_util.tree_flatten(b) for b in batches]
-    leaves0, def0 = flat[0][0], cast(Any, flat[0][1])
-    same = all(
-        d == def0
-        and all(_is_array(a) for a in leaves)
-        and [(a.shape, a.dtype) for a in leaves]
-        == [(a.shape, a.dtype) for a in leaves0]
-        for leaves, d in flat
-    )
-    if same:  # one lax.scan over the stacked batches: one compile for any number of batches
-        stacked = [jnp.stack(col) for col in zip(*(leaves for leaves, _ in flat), strict=True)]
-        return _Data(stacked, lambda ls: jax.tree_util.tree_unflatten(def0, ls), None)
-
-    def splitter(leaves: list[Any], treedef: Any) -> Callable[[Any], Any]:
-        def rebuild(arrays: Any) -> Any:
-            it = iter(arrays)
-            return jax.tree_util.tree_unflatten(
-                treedef, [next(it) if _is_array(a) else a for a in leaves]
+        return _Data("none", None, None)
+    if isinstance(data, tuple | dict | jax.Array | np.ndarray):
+        leaves, treedef = jax.tree_util.tree_flatten(data)
+        if not leaves or not all(_is_array(a) and a.ndim >= 1 for a in leaves):
+            raise ValueError(
+                f"{name}: data= as a {type(data).__name__} is a stack of batches: every leaf must "
+                "be an array with a leading batch axis (use a list for batches streamed one at a time)"
             )
-
-        return rebuild
-
-    arrays = [[a for a in leaves if _is_array(a)] for leaves, _ in flat]
-    return _Data(arrays, None, [splitter(leaves, d) for leaves, d in flat])
+        counts = {a.shape[0] for a in leaves}
+        if len(counts) != 1 or 0 in counts:
+            raise ValueError(
+                f"{name}: data= stacked batches need one leading axis length > 0 on every leaf, "
+                f"got {sorted(counts)}"
+            )
+        return _Data("stacked", [jnp.asarray(a) for a in leaves], _Plan(treedef, ()))
+    if not hasattr(data, "__iter__") or isinstance(data, str | bytes):
+        raise TypeError(
+            f"{name}: data= must be a list (or other re-iterable) of batches, or a tuple/dict/array "
+            f"of stacked batches, got {type(data).__name__}"
+        )
+    if isinstance(data, Iterator):
+        raise TypeError(
+            f"{name}: data= is a one-shot iterator ({type(data).__name__}); it is read once per "
+            "operator product, so pass a list or a re-iterable data loader"
+        )
+    if hasattr(data, "__len__") and len(data) == 0:
+        raise ValueError(f"{name}: data= is empty; pass at least one batch (or data=None)")
+    return _Data("streamed", data, None)
 
 
 # ---------------------------------------------------------------- layout
@@ -125,84 +323,175 @@ def _layout_of(x: Any) -> NamedSharding | None:
     return sharding
 
 
-def _layouter(sharding: NamedSharding | None) -> Callable[[Array, int], Array]:
-    """``lay(v, lead)`` puts ``v`` (``lead`` unsharded axes, then x's axis) in x's layout."""
-
-    def lay(v: Array, lead: int = 0) -> Array:
-        if sharding is None:
-            return v
-        spec = PartitionSpec(*([None] * lead), *sharding.spec)
-        target = NamedSharding(sharding.mesh, spec)
-        names = [a for p in sharding.spec if p is not None for a in (p if isinstance(p, tuple) else (p,))]
-        types = dict(zip(sharding.mesh.axis_names, sharding.mesh.axis_types, strict=True))
-        if names and all(types[a] == AxisType.Explicit for a in names):
-            return jax.sharding.reshard(v, target)
-        return jax.lax.with_sharding_constraint(v, target)
-
-    return lay
+def _lay(sharding: NamedSharding | None, v: Array) -> Array:
+    """``v`` (leading unsharded axes, then x's axis) in x's layout."""
+    if sharding is None:
+        return v
+    spec = PartitionSpec(*([None] * (v.ndim - 1)), *sharding.spec)
+    target = NamedSharding(sharding.mesh, spec)
+    names = [a for p in sharding.spec if p is not None for a in (p if isinstance(p, tuple) else (p,))]
+    types = dict(zip(sharding.mesh.axis_names, sharding.mesh.axis_types, strict=True))
+    if names and all(types[a] == AxisType.Explicit for a in names):
+        return jax.sharding.reshard(v, target)
+    return jax.lax.with_sharding_constraint(v, target)
 
 
-# ---------------------------------------------------------------- Hessian-vector products
+# ---------------------------------------------------------------- operator products
 
 
-def _matvec(f: Callable[..., Any], data: _Data | None, arrays: Any) -> Callable[[Array, Array], Array]:
-    """``mv(x, v)``: H(x) v, the mean over the batches with ``data``."""
-    if data is None:
-        return lambda x, v: jax.jvp(jax.grad(f), (x,), (v,))[1]
+def _products(op: Any, x: Array, vs: Array, *batch: Any) -> Array:
+    """The operator at x times each row of ``vs`` (b, n), for one batch (or none)."""
+    if isinstance(op, GGN):
+        out, jvp_fn = jax.linearize(lambda y: op.model_fn(y, *batch), x)
+        vjp_fn = jax.linear_transpose(jvp_fn, x)
+        loss_grad = jax.grad(lambda o: op.loss_fn(o, *batch))
 
-    def one(x: Array, v: Array, batch: Any) -> Array:
-        return jax.jvp(jax.grad(lambda y: f(y, batch)), (x,), (v,))[1]
+        def one(v: Array) -> Array:
+            return vjp_fn(jax.jvp(loss_grad, (out,), (jvp_fn(v),))[1])[0]
 
-    if data.rebuild is not None:
-        rebuild = data.rebuild
-        count = arrays[0].shape[0] if arrays else 1
+    else:
+        grad = jax.grad(lambda y: op(y, *batch))
 
-        def scanned(x: Array, v: Array) -> Array:
-            def body(acc: Array, leaves: Any) -> tuple[Array, None]:
-                return acc + one(x, v, rebuild(leaves)), None
+        def one(v: Array) -> Array:
+            return jax.jvp(grad, (x,), (v,))[1]
 
-            total, _ = jax.lax.scan(body, jnp.zeros_like(v), arrays)
-            return total / count
-
-        return scanned
-    unrolled = data.unrolled
-    assert unrolled is not None
-
-    def summed(x: Array, v: Array) -> Array:
-        total = jnp.zeros_like(v)
-        for rebuild_i, leaves in zip(unrolled, arrays, strict=True):
-            total = total + one(x, v, rebuild_i(leaves))
-        return total / len(unrolled)
-
-    return summed
+    vs = vs.astype(x.dtype)
+    return one(vs[0])[None] if vs.shape[0] == 1 else jax.vmap(one)(vs)
 
 
-def hvp(
-    f: Callable[..., Any], x: Array, v: Array, *, data: Iterable[Any] | None = None
-) -> Array:
-    """The Hessian-vector product ``H(x) @ v``, exact to rounding.
+def _device_product(op: Any, x: Array, vs: Array, data: _Data, arrays: Any) -> Array:
+    """Products without data, or averaged over stacked batches with a scan (traceable)."""
+    if data.kind == "none":
+        return _products(op, x, vs)
+    assert data.plan is not None
+    plan = data.plan
+
+    def body(acc: Array, leaves: Any) -> tuple[Array, None]:
+        return acc + _products(op, x, vs, _rebuild(plan, leaves)), None
+
+    total, _ = jax.lax.scan(body, jnp.zeros(vs.shape, x.dtype), arrays)
+    return total / arrays[0].shape[0]
+
+
+@partial(jax.jit, static_argnames=("op", "plan"))
+def _accumulate(op: Any, x: Array, vs: Array, acc: Array, size: Array, arrays: Any, plan: _Plan) -> Array:
+    return acc + size * _products(op, x, vs, _rebuild(plan, arrays))
+
+
+def _stream_product(name: str, op: Any, x: Array, vs: Array, data: Any) -> Array:
+    """The mean over all examples of a streamed data set: one batch on the device at a time."""
+    acc, total = jnp.zeros(vs.shape, x.dtype), 0
+    for i, batch in enumerate(data):
+        arrays, plan, size = _split(name, i, batch)
+        acc = _accumulate(op, x, vs, acc, jnp.asarray(size, x.dtype), arrays, plan)
+        total += size
+    if total == 0:
+        raise ValueError(f"{name}: data= yielded no batches; pass at least one batch (or data=None)")
+    return acc / total
+
+
+def _dtype(x: Array) -> Any:
+    return jnp.promote_types(x.dtype, jnp.float32)
+
+
+def _product_fn(name: str, op: Any, x: Array, data: _Data, arrays: Any, sharding: Any) -> Callable[[Array], Array]:
+    """``vs (b, n) -> products (b, n)`` in the working dtype, laid out like x."""
+    dt = _dtype(x)
+    if data.kind == "streamed":
+        return lambda vs: _lay(sharding, _stream_product(name, op, x, vs, data.source).astype(dt))
+    return lambda vs: _lay(sharding, _device_product(op, x, vs, data, arrays).astype(dt))
+
+
+# ---------------------------------------------------------------- progress
+
+_last_report = [0.0]
+
+
+def _report(name: str, products: Any, estimate: Any, final: Any) -> None:
+    now = time.monotonic()
+    if bool(final) or now - _last_report[0] >= 1.0:
+        _last_report[0] = now
+        est = np.array2string(np.asarray(estimate), precision=6, separator=", ", threshold=8)
+        word = "done" if bool(final) else "running"
+        print(f"jaxflat.curvature.{name}: {word}, {int(products)} products, estimate {est}",
+              file=sys.stderr, flush=True)
+
+
+def _progress(on: bool, name: str, products: Any, estimate: Any, final: bool = False) -> None:
+    if on:
+        jax.debug.callback(partial(_report, name), products, estimate, final)
+
+
+# ---------------------------------------------------------------- running a loop
+
+
+def _run(
+    name: str,
+    op: Any,
+    x: Array,
+    data: _Data,
+    compiled: Callable[..., Any],
+    impl: Callable[..., Any],
+    stepper: Callable[..., Any],
+    args: tuple[Any, ...],
+    cfg: Any,
+) -> Any:
+    """One way to run an algorithm, three ways to feed it products.
+
+    No data or stacked data: ``compiled`` (one jitted program with ``op``
+    static). Streamed data under a trace (``x`` a tracer): ``impl`` traced
+    with the batches unrolled into the program. Streamed data, eager: the
+    algorithm's ``stepper`` drives compiled steps from Python, one product
+    (one pass over the data) at a time.
+    """
+    if data.kind != "streamed":
+        return compiled(op, x, *args, data.source, cfg=cfg, data=data._replace(source=None))
+    product = _product_fn(name, op, x, data, None, cfg.sharding)
+    if any(isinstance(a, jax.core.Tracer) for a in (x, *args)):
+        return impl(product, x, *args, cfg)
+    return stepper(product, x, *args, cfg)
+
+
+# ---------------------------------------------------------------- hvp
+
+
+@partial(jax.jit, static_argnames=("op", "cfg", "data"))
+def _hvp_compiled(op: Any, x: Array, v: Array, arrays: Any, *, cfg: Any, data: _Data) -> Array:
+    return _device_product(op, x, v[None], data, arrays)[0]
+
+
+class _HvpCfg(NamedTuple):
+    sharding: Any
+
+
+def hvp(f: Callable[..., Any], x: Array, v: Array, *, data: Any = None) -> Array:
+    """The Hessian-vector product ``H(x) @ v`` (or Gauss-Newton, with ``ggn``), exact to rounding.
 
     Forward-over-reverse: ``jax.jvp(jax.grad(f), (x,), (v,))[1]``, which costs
     about two to three gradients and no more memory than one. It works under
     ``jax.jit``, ``jax.vmap`` and on sharded vectors (the result is laid out
-    like the gradient, i.e. like ``x``).
+    like the gradient, i.e. like ``x``). A second call with the same ``f``
+    and shapes compiles nothing.
 
     Args:
-      f: scalar function of the flat vector; ``f(x, batch)`` with ``data``.
+      f: scalar function of the flat vector (``f(x, batch)`` with ``data``),
+        or a :func:`ggn` operator.
       x: the point, a 1-D floating-point vector (e.g. ``destructure``'s flat).
       v: the direction, shaped like ``x``.
-      data: optional iterable of batches; the Hessian is then the mean over
-        the batches of the Hessians of ``lambda x: f(x, batch)``. Batches of
-        one structure and shape are stacked and run with one ``lax.scan``;
-        others are unrolled.
+      data: ``None``; a list (or re-iterable loader) of batches, streamed one
+        at a time; or a tuple/dict/array of batches stacked on a leading
+        axis, scanned on the device. The operator is that of the mean loss
+        over all examples (each batch weighted by its size: the leading axis
+        of its first array).
 
     Returns:
       ``H(x) @ v``, shaped like ``x``.
 
     Raises:
       ValueError: ``x`` is not a non-empty vector, ``v`` is not shaped like
-        ``x``, or ``data`` is empty.
-      TypeError: ``x`` is not real floating point, or ``f`` is not scalar.
+        ``x``, or ``data`` is empty or malformed.
+      TypeError: ``x`` is not real floating point, ``f`` is not scalar, or
+        ``data`` is a one-shot iterator.
 
     Example:
       >>> import jax.numpy as jnp
@@ -210,160 +499,246 @@ def hvp(
       >>> f = lambda x: jnp.sum(x ** 3)          # H = diag(6 x)
       >>> curvature.hvp(f, jnp.array([1.0, 2.0]), jnp.array([1.0, 1.0]))
       Array([ 6., 12.], dtype=float32)
-      >>> batches = [jnp.array(1.0), jnp.array(3.0)]  # mean Hessian = diag(2 * 2)
-      >>> curvature.hvp(lambda x, c: c * jnp.sum(x ** 2), jnp.ones(2), jnp.ones(2), data=batches)
-      Array([4., 4.], dtype=float32)
+      >>> batches = [jnp.ones(3), 3 * jnp.ones(1)]  # 4 examples: mean Hessian diag(2 * 1.5)
+      >>> g = lambda x, c: jnp.mean(c) * jnp.sum(x ** 2)
+      >>> curvature.hvp(g, jnp.ones(2), jnp.ones(2), data=batches)
+      Array([3., 3.], dtype=float32)
     """
+    _check_f("hvp", f)
     _check_x("hvp", x)
     if getattr(v, "shape", None) != x.shape:
         raise ValueError(f"hvp: v must be shaped like x {x.shape}, got {getattr(v, 'shape', None)}")
     prepared = _prepare("hvp", data)
     v = jnp.asarray(v, x.dtype)
-    return _matvec(f, prepared, prepared.arrays if prepared else None)(x, v)
+    cfg = _HvpCfg(_layout_of(x))
+    if prepared.kind == "streamed":
+        out = _stream_product("hvp", f, x, v[None], prepared.source)[0]
+        return _lay(cfg.sharding, out)
+    return _hvp_compiled(f, x, v, prepared.source, cfg=cfg, data=prepared._replace(source=None))
 
 
-# ---------------------------------------------------------------- Lanczos
+# ---------------------------------------------------------------- eigenvalues: block Krylov
 
 
-def _dots(basis: Array, w: Array) -> Array:
-    """``basis @ w`` written so that a sharded contraction is unambiguous."""
-    return jnp.sum(basis * w[None, :], axis=1)
+class _EigCfg(NamedTuple):
+    n: int
+    k: int
+    b: int  # block size: vectors multiplied at once
+    cap: int  # vectors kept
+    keep: int  # Ritz vectors kept at a restart
+    which: str
+    budget: int  # most products
+    sharding: Any
+    progress: bool
 
 
-def _top_ritz(alphas: Array, betas: Array, steps: Array, k: int) -> Array:
-    """The k largest eigenvalues of the leading ``steps`` x ``steps`` block of T, descending."""
-    m = alphas.shape[0]
-    d, e = _padded(alphas, betas, jnp.arange(m) < steps)
-    if m <= 256:  # a dense eigvalsh compiles fast and runs in well under a millisecond
-        top = jnp.linalg.eigvalsh(jnp.diag(d) + jnp.diag(e, 1) + jnp.diag(e, -1))[m - k :]
-    else:  # bisection for the top k only: O(k m) per step rather than O(m^3)
-        top = jax.scipy.linalg.eigh_tridiagonal(
-            d, e, eigvals_only=True, select="i", select_range=(m - k, m - 1)
-        )
-    return jnp.flip(jnp.asarray(top))
+class _EigState(NamedTuple):
+    q: Array  # (cap, n): orthonormal rows or zero rows
+    t: Array  # (cap, cap): q A q^T, filled for multiplied rows
+    s: Array  # first row of the block still to multiply
+    live: Array  # (cap,) rows that hold a vector
+    vals: Array  # (k,) wanted Ritz values, last step
+    coef: Array  # (cap, k) their Ritz vectors' coefficients in q
+    res: Array  # (k,) their residual norms
+    change: Array  # (k,) their last change
+    matvecs: Array
+    scale: Array  # largest |A q| seen: the spectrum's scale
+    done: Array
+    converged: Array
+    seed: Array  # for the restart vectors
 
 
-def _padded(alphas: Array, betas: Array, active: Array) -> tuple[Array, Array]:
-    """T's diagonal and off-diagonal, with the inactive block pushed below the spectrum."""
-    off = jnp.where(active[1:], betas[:-1], 0.0)
-    b = jnp.abs(jnp.concatenate([jnp.zeros(1, off.dtype), off, jnp.zeros(1, off.dtype)]))
-    radius = b[:-1] + b[1:]  # Gershgorin: every eigenvalue of T lies in [lo, hi]
-    lo = jnp.min(jnp.where(active, alphas - radius, jnp.inf))
-    hi = jnp.max(jnp.where(active, alphas + radius, -jnp.inf))
-    pad = lo - (hi - lo) - jnp.maximum(jnp.abs(lo), jnp.abs(hi)) - jnp.finfo(alphas.dtype).tiny
-    return jnp.where(active, alphas, pad), off
+def _ritz(t: Array, active: Array) -> tuple[Array, Array, Array]:
+    """Eigenpairs of t restricted to the active rows: (theta, U, valid), inactive ones marked."""
+    mask = active[:, None] & active[None, :]
+    big = jnp.max(jnp.where(mask, jnp.abs(t), 0)) * t.shape[0] + 1
+    tp = jnp.where(mask, t, 0) + jnp.diag(jnp.where(active, 0, -3 * big))
+    theta, u = jnp.linalg.eigh((tp + tp.T) / 2)
+    valid = jnp.sum(jnp.where(active[:, None], u * u, 0), axis=0) > 0.5
+    return theta, u, valid
 
 
-class _Lanczos(NamedTuple):
-    alphas: Array  # (m,) T's diagonal
-    betas: Array  # (m,) betas[j] couples q_j and q_{j+1}; 0 where the run restarted
-    steps: Array  # steps taken (<= m)
-    basis: Array | None  # (r, n): the last r Lanczos vectors (all of them if r == m)
-    ritz: Array | None  # (k, n): sum_j coeffs[j] q_j, when coeffs were given
+def _select(theta: Array, valid: Array, which: str, count: int, low: int) -> Array:
+    """Indices of the ``count`` wanted Ritz values (``low`` of them from the bottom for BE)."""
+    inf = jnp.asarray(jnp.inf, theta.dtype)
+    if which == "BE":
+        bottom = jnp.argsort(jnp.where(valid, theta, inf))[:low]
+        top = jnp.argsort(jnp.where(valid, -theta, inf))[: count - low]
+        return jnp.concatenate([bottom, top])
+    key = {"LA": -theta, "SA": theta, "LM": -jnp.abs(theta)}[which]
+    return jnp.argsort(jnp.where(valid, key, inf))[:count]
 
 
-def _lanczos(
-    mv: Callable[[Array], Array],
-    q0: Array,
-    key: Array,
-    *,
-    m: int,
-    r: int,
-    lay: Callable[[Array, int], Array],
-    limit: Array | int,
-    k: int = 0,
-    tol: float = 0.0,
-    coeffs: Array | None = None,
-) -> _Lanczos:
-    """Up to ``limit`` (<= m) Lanczos steps from the unit vector ``q0``.
-
-    ``r`` vectors are kept for reorthogonalisation (classical Gram-Schmidt,
-    twice). With ``k`` > 0 the run stops once each of the k largest Ritz
-    values changed by at most ``tol`` (relative) in one step, and the change
-    still to come, extrapolated from the last two, is below that too. With
-    ``coeffs`` (m, k) it also accumulates ``coeffs.T @ Q`` (Ritz vectors
-    without storing Q). A breakdown (an invariant subspace) restarts from a
-    random vector orthogonal to the kept ones, with a zero coupling in T.
-    """
-    n, dt = q0.shape[0], q0.dtype
-    eps = float(jnp.finfo(dt).eps)
-    basis = lay(jnp.zeros((r, n), dt), 1) if r else None
-    ritz = lay(jnp.zeros((coeffs.shape[1], n), dt), 1) if coeffs is not None else None
-    top0 = jnp.full((2, max(k, 1)), jnp.inf, dt)  # the k largest Ritz values, their last change
-    state0 = (0, q0, jnp.zeros_like(q0), jnp.zeros((), dt), jnp.zeros(m, dt), jnp.zeros(m, dt),
-              basis, ritz, top0, False, jnp.zeros((), dt))
-
-    def cond(state: Any) -> Any:
-        j, done = state[0], state[9]
-        return (j < limit) & jnp.logical_not(done)
-
-    def orthogonalise(w: Array, basis: Array | None) -> Array:
-        if basis is not None:
-            for _ in range(2):
-                w = w - lay(_dots(basis, w) @ basis, 0)
-        return w
-
-    def body(state: Any) -> Any:
-        j, q, q_prev, beta_prev, alphas, betas, basis, ritz, top, _, scale = state
-        if basis is not None:
-            basis = jax.lax.dynamic_update_index_in_dim(basis, q, j % r, 0)
-        if ritz is not None and coeffs is not None:
-            ritz = ritz + coeffs[j][:, None] * q[None, :]
-        w = lay(mv(q), 0)
-        alpha = jnp.sum(q * w)
-        w = orthogonalise(w - alpha * q - beta_prev * q_prev, basis)
-        beta = jnp.sqrt(jnp.sum(w * w))
-        scale = jnp.maximum(scale, jnp.abs(alpha) + beta + beta_prev)
-        broke = beta <= 100 * eps * scale
-
-        def restart() -> Array:
-            u = lay(jax.random.normal(jax.random.fold_in(key, j), (n,), dt), 0)
-            u = u - jnp.sum(u * q) * q
-            u = orthogonalise(u, basis)
-            return u / jnp.sqrt(jnp.sum(u * u))
-
-        q_next = jax.lax.cond(broke, restart, lambda: w / jnp.where(broke, 1, beta))
-        beta = jnp.where(broke, 0, beta)
-        alphas, betas = alphas.at[j].set(alpha), betas.at[j].set(beta)
-        done = False
-        if k:
-            new = _top_ritz(alphas, betas, j + 1, k)
-            change = jnp.abs(new - top[0])
-            # geometric convergence at the rate of the last two changes: what is still to come
-            rate = jnp.where(top[1] > 0, change / top[1], 0.0)
-            ahead = jnp.where(rate < 1, change * rate / (1 - rate), jnp.inf)
-            bound = tol * jnp.abs(new) + eps * scale
-            done = (j + 1 > k + 1) & jnp.all(change <= bound) & jnp.all(ahead <= bound)
-            top = jnp.stack([new, change])
-        return (j + 1, q_next, q, beta, alphas, betas, basis, ritz, top, done, scale)
-
-    out = jax.lax.while_loop(cond, body, state0)
-    return _Lanczos(out[4], out[5], jnp.asarray(out[0]), out[6], out[7])
+def _gram(a: Array, b: Array, sharding: Any = None) -> Array:
+    """``a @ b.T``, contracting x's axis (replicated result where that axis is explicitly sharded)."""
+    if b.ndim == 1:
+        return jnp.sum(a * b[None], axis=1)
+    if sharding is not None and any(t == AxisType.Explicit for t in sharding.mesh.axis_types):
+        return jnp.matmul(a, b.T, out_sharding=NamedSharding(sharding.mesh, PartitionSpec()))
+    return a @ b.T
 
 
-def _eigh_t(alphas: Array, betas: Array, steps: Array) -> tuple[Array, Array]:
-    """Eigenvalues (ascending) and eigenvectors of T; inactive ones come first."""
-    m = alphas.shape[0]
-    d, e = _padded(alphas, betas, jnp.arange(m) < steps)
-    t = jnp.diag(d) + jnp.diag(e, 1) + jnp.diag(e, -1)
-    return jnp.linalg.eigh(t)
+def _noise(seed: Array, step: Array, shape: tuple[int, ...], dtype: Any, sharding: Any) -> Array:
+    """Vectors in general position for restarts, from an integer hash of (seed, step, row, index).
+
+    They need not be statistically random, only not special; this compiles in
+    a fraction of the time of ``jax.random`` inside a loop body."""
+    u32 = jnp.uint32
+    i = jnp.arange(shape[1], dtype=u32)[None, :] * u32(0x9E3779B1)
+    h = i + (jnp.arange(shape[0], dtype=u32)[:, None] * u32(0x85EBCA77)
+             + step.astype(u32) * u32(0xC2B2AE3D) + seed.astype(u32))
+    for shift, mul in ((16, 0x7FEB352D), (15, 0x846CA68B)):
+        h = (h ^ (h >> u32(shift))) * u32(mul)
+    h = h ^ (h >> u32(16))
+    return _lay(sharding, (h >> u32(8)).astype(dtype) / 2**24 - 0.5)
 
 
-def _start(key: Array, x: Array, dt: Any, lay: Callable[[Array, int], Array]) -> Array:
-    q = lay(jax.random.normal(key, x.shape, dt), 0)
-    return q / jnp.sqrt(jnp.sum(q * q))
+def _project_out(q: Array, w: Array, sharding: Any = None) -> Array:
+    for _ in range(2):  # classical Gram-Schmidt, twice
+        w = w - _gram(q, w, sharding).T @ q
+    return w
 
 
-def _working_dtype(x: Array) -> Any:
-    return jnp.promote_types(x.dtype, jnp.float32)
+def _new_block(q: Array, r: Array, u: Array, thresh: Array, sharding: Any = None) -> tuple[Array, Array]:
+    """Orthonormal rows spanning ``r`` (rows already orthogonal to q), by Gram-Schmidt.
+
+    A row that adds less than ``thresh`` (an invariant subspace, or a
+    repeated direction) is replaced by the row of ``u`` (generic vectors) orthogonal to q and to
+    the rows before it; where none is left (q spans the space) the row is
+    zero. Returns (rows, dead)."""
+    eps = jnp.finfo(r.dtype).eps
+    # Gram-Schmidt's row norms are the diagonal of the Cholesky factor of r r^T: when none
+    # is small (the usual case), skip projecting the replacement rows (a pass over q).
+    # (Cholesky in floating point resolves only sqrt(eps): a row that keeps less than 1% of
+    # its norm is checked the slow way.)
+    chol = jnp.diag(jnp.linalg.cholesky(_gram(r, r, sharding)))
+    need = ~jnp.all(chol > jnp.maximum(2 * thresh, 1e-2 * jnp.linalg.norm(r, axis=1)))
+    alt_all = jax.lax.cond(need, lambda: _project_out(q, u, sharding), lambda: u)
+    rows: list[Array] = []
+    dead: list[Array] = []
+    for i in range(r.shape[0]):
+        v, alt = r[i], alt_all[i]
+        for _ in range(2):
+            for prev in rows:
+                v = v - jnp.sum(v * prev) * prev
+                alt = alt - jnp.sum(alt * prev) * prev
+        strong = ~need | (jnp.linalg.norm(v) > thresh)
+        ok = strong | (jnp.linalg.norm(alt) > jnp.sqrt(eps) * jnp.linalg.norm(u[i]))
+        pick = jnp.where(strong, v, alt)
+        rows.append(jnp.where(ok, pick / jnp.where(ok, jnp.linalg.norm(pick), 1), 0))
+        dead.append(~ok)
+    return jnp.stack(rows), jnp.stack(dead)
 
 
-def _operator(
-    f: Callable[..., Any], x: Array, data: _Data | None, arrays: Any
-) -> Callable[[Array], Array]:
-    mv = _matvec(f, data, arrays)
-    dt = _working_dtype(x)
-    return lambda v: mv(x, v.astype(x.dtype)).astype(dt)
+def _eig_init(x: Array, key: Array, cfg: _EigCfg) -> _EigState:
+    dt = _dtype(x)
+    start = _lay(cfg.sharding, jax.random.normal(key, (cfg.b + 1, cfg.n), dt))
+    q = _lay(cfg.sharding, jnp.zeros((cfg.cap, cfg.n), dt))
+    block, dead = _new_block(q, start[1:], start[1:], jnp.zeros((), dt), cfg.sharding)
+    seed = jax.random.bits(key, (), jnp.uint32)
+    q = _lay(cfg.sharding, q.at[: cfg.b].set(block))
+    live = jnp.zeros(cfg.cap, bool).at[: cfg.b].set(~dead)
+    z = jnp.zeros(cfg.k, dt)
+    return _EigState(q, jnp.zeros((cfg.cap, cfg.cap), dt), jnp.zeros((), jnp.int32), live, z,
+                     jnp.zeros((cfg.cap, cfg.k), dt), z, jnp.full(cfg.k, jnp.inf, dt),
+                     jnp.zeros((), jnp.int32), jnp.zeros((), dt), jnp.zeros((), bool),
+                     jnp.zeros((), bool), seed)
+
+
+def _eig_block(st: _EigState, cfg: _EigCfg) -> Array:
+    return jax.lax.dynamic_slice_in_dim(st.q, st.s, cfg.b, 0)
+
+
+def _eig_step(st: _EigState, w: Array, tol: Any, cfg: _EigCfg) -> _EigState:
+    """One block step: w = A @ (the block at row s); Rayleigh-Ritz; restart when full."""
+    b, cap, k = cfg.b, cfg.cap, cfg.k
+    dt = st.q.dtype
+    eps = jnp.finfo(dt).eps
+    s, q = st.s, st.q
+    h = _gram(q, w, cfg.sharding)  # (cap, b): rows past the block are zero
+    diag = jax.lax.dynamic_slice_in_dim(h, s, b, 0)
+    h = jax.lax.dynamic_update_slice_in_dim(h, (diag + diag.T) / 2, s, 0)
+    t = jax.lax.dynamic_update_slice_in_dim(st.t, h, s, 1)
+    t = jax.lax.dynamic_update_slice_in_dim(t, h.T, s, 0)
+    scale = jnp.maximum(st.scale, jnp.max(jnp.linalg.norm(w, axis=1)))
+    u = _noise(st.seed, st.matvecs, w.shape, dt, cfg.sharding)
+    new, dead = _new_block(q, _project_out(q, w, cfg.sharding), u, 100 * eps * scale, cfg.sharding)
+    new = _lay(cfg.sharding, new)
+    coupling = _gram(new, w, cfg.sharding)  # (b, b): the new block's coupling to the one just multiplied
+    s1 = s + b
+    theta, u, valid = _ritz(t, (jnp.arange(cap) < s1) & st.live)
+    low = k // 2 if cfg.which == "BE" else 0
+    sel = _select(theta, valid, cfg.which, k, low)
+    vals, coef = theta[sel], u[:, sel]
+    last = jax.lax.dynamic_slice_in_dim(u, s, b, 0)[:, sel]  # (b, k)
+    res = jnp.linalg.norm(coupling @ last, axis=0)
+    change = jnp.abs(vals - st.vals)
+    # geometric convergence at the rate of the last two changes: what is still to come
+    rate = jnp.where(st.change > 0, change / st.change, 0.0)
+    ahead = jnp.where(rate < 1, change * rate / (1 - rate), jnp.inf)
+    bound = jnp.asarray(tol, dt) * jnp.abs(vals) + 10 * eps * scale
+    settled = (st.matvecs > b) & jnp.all(change <= bound) & jnp.all(ahead <= bound)
+    exhausted = jnp.all(dead)
+    matvecs = st.matvecs + b
+    converged = settled | exhausted
+    done = converged | (matvecs + b > cfg.budget)
+    _progress(cfg.progress, "eigenvalues", matvecs, jnp.sort(vals)[::-1])
+
+    def grow() -> tuple[Array, Array, Array, Array]:
+        q1 = jax.lax.dynamic_update_slice_in_dim(q, new, s1, 0)
+        live = jax.lax.dynamic_update_slice_in_dim(st.live, ~dead, s1, 0)
+        return q1, t, s1, live
+
+    def restart() -> tuple[Array, Array, Array, Array]:
+        kept = _select(theta, valid, cfg.which, cfg.keep, cfg.keep // 2 if low else 0)
+        ok = valid[kept]
+        y = jnp.where(ok[:, None], u[:, kept].T @ q, 0)
+        q1 = jnp.zeros_like(q).at[: cfg.keep].set(y).at[cfg.keep : cfg.keep + b].set(new)
+        t1 = jnp.zeros_like(t).at[: cfg.keep, : cfg.keep].set(jnp.diag(jnp.where(ok, theta[kept], 0)))
+        live = jnp.zeros(cap, bool).at[: cfg.keep].set(ok).at[cfg.keep : cfg.keep + b].set(~dead)
+        return _lay(cfg.sharding, q1), t1, jnp.asarray(cfg.keep, s1.dtype), live
+
+    def same() -> tuple[Array, Array, Array, Array]:  # done: coef refers to these rows
+        return q, t, s1, st.live
+
+    branch = jnp.where(done, 0, jnp.where(s1 + b <= cap, 1, 2))
+    q, t, s_next, live = jax.lax.switch(branch, [same, grow, restart])
+    return _EigState(q, t, s_next, live, vals, coef, res, change, matvecs, scale, done,
+                     converged, st.seed)
+
+
+def _eig_finish(st: _EigState, cfg: _EigCfg) -> tuple[Array, Array, EigenInfo]:
+    order = jnp.argsort(-st.vals)
+    vecs = st.coef[:, order].T @ st.q
+    vecs = vecs / jnp.maximum(jnp.linalg.norm(vecs, axis=1, keepdims=True), jnp.finfo(vecs.dtype).tiny)
+    _progress(cfg.progress, "eigenvalues", st.matvecs, st.vals[order], final=True)
+    return st.vals[order], _lay(cfg.sharding, vecs), EigenInfo(st.matvecs, st.converged, st.res[order])
+
+
+def _eig_impl(product: Callable[[Array], Array], x: Array, key: Array, tol: Any, cfg: _EigCfg) -> Any:
+    st = _eig_init(x, key, cfg)
+    st = jax.lax.while_loop(
+        lambda st: ~st.done, lambda st: _eig_step(st, product(_eig_block(st, cfg)), tol, cfg), st
+    )
+    return _eig_finish(st, cfg)
+
+
+@partial(jax.jit, static_argnames=("op", "cfg", "data"))
+def _eig_compiled(op: Any, x: Array, key: Array, tol: Any, arrays: Any, *, cfg: _EigCfg, data: _Data) -> Any:
+    return _eig_impl(_product_fn("eigenvalues", op, x, data, arrays, cfg.sharding), x, key, tol, cfg)
+
+
+_eig_init_jit = jax.jit(_eig_init, static_argnames=("cfg",))
+_eig_step_jit = jax.jit(_eig_step, static_argnames=("cfg",))
+_eig_block_jit = jax.jit(_eig_block, static_argnames=("cfg",))
+_eig_finish_jit = jax.jit(_eig_finish, static_argnames=("cfg",))
+
+
+def _eig_stepper(product: Callable[[Array], Array], x: Array, key: Array, tol: Any, cfg: _EigCfg) -> Any:
+    st = _eig_init_jit(x, key, cfg=cfg)
+    while not bool(st.done):
+        st = _eig_step_jit(st, product(_eig_block_jit(st, cfg=cfg)), tol, cfg=cfg)
+    return _eig_finish_jit(st, cfg=cfg)
 
 
 def eigenvalues(
@@ -372,105 +747,210 @@ def eigenvalues(
     *,
     key: Array,
     k: int = 1,
+    which: str = "LA",
     iters: int = 100,
     tol: float = 1e-3,
-    data: Iterable[Any] | None = None,
-    reorth: bool | int = True,
-) -> tuple[Array, Array]:
-    """The ``k`` algebraically largest eigenvalues of the Hessian of ``f`` at ``x``.
+    data: Any = None,
+    info: bool = False,
+    progress: bool = False,
+    basis: int | None = None,
+) -> Any:
+    """``k`` extreme eigenvalues of the Hessian (or Gauss-Newton matrix) of ``f`` at ``x``.
 
-    Lanczos from a random start drawn from ``key`` (the same key gives the
-    same result), with the whole loop in ``jax.lax.while_loop`` (one
-    compile). It stops when each of the ``k`` largest Ritz values changed by
-    at most ``tol`` relative to itself in the last step, and so would the
-    change still to come if convergence went on at the rate of the last two
-    steps (plus a rounding floor of ``eps`` times the spectrum's scale), or
-    after ``iters * k`` Hessian-vector products (capped at ``x.size``).
-    Ritz values grow monotonically towards the eigenvalues, so the result
-    is typically within ``tol`` of the converged value. An invariant subspace
-    (e.g. a Hessian of low rank) restarts the run from a fresh random
-    vector orthogonal to the kept ones. These are the algebraically largest
-    eigenvalues: a negative eigenvalue of large magnitude is not among them
-    (power iteration, e.g. PyHessian's, finds the largest in magnitude).
+    Thick-restarted block Lanczos from a random start drawn from ``key``
+    (the same key gives the same result): ``min(k, 16)`` vectors are
+    multiplied at once (one ``jax.vmap``-ed product), every new vector is
+    orthogonalised against the whole kept basis, and the Rayleigh-Ritz values
+    of the basis approximate the eigenvalues. When the basis is full it
+    restarts from its best Ritz vectors, so memory stays bounded. It stops
+    when each wanted Ritz value changed by at most ``tol`` relative to itself
+    in the last step, and so would the change still to come if convergence
+    went on at the rate of the last two steps, or when the basis spans the
+    whole space, or after ``iters * k`` products. ``info=True`` says which.
 
-    Memory: beyond what ``f``'s gradient needs, a few vectors of ``x.size``
-    plus the Lanczos vectors kept for reorthogonalisation: with
-    ``reorth=True`` (the default, full reorthogonalisation) one per step,
-    up to ``iters * k`` vectors. For very large models, ``reorth=r`` keeps
-    only the last ``r`` and ``reorth=False`` none (the plain three-term
-    recurrence). Without all of them the eigenvectors come from a second
-    pass that regenerates the vectors (twice the Hessian-vector products),
-    and, as rounding erodes orthogonality, a converged eigenvalue can
-    reappear as a spurious copy among the ``k`` (the top one stays right).
+    An eigenvalue repeated up to ``min(k, 16)`` times comes back repeated (a
+    single-vector Krylov method cannot see multiplicity). No mode returns
+    spurious eigenvalues: every vector is kept orthogonal to the basis.
+
+    Memory: beyond what ``f``'s gradient (times the block) needs, ``basis``
+    vectors of ``x.size`` (default ``max(30, 5 * k)``, fewer where they would
+    exceed 256 MiB, never fewer than ``k + 2 * block``; capped by what the
+    space needs); XLA keeps about two more copies of it while it runs. ``basis=iters * k + k`` keeps every vector (full
+    reorthogonalisation, no restart); each step's Rayleigh-Ritz then costs
+    ``basis ** 3``, so keep that for small runs.
 
     Args:
-      f: scalar function of the flat vector; ``f(x, batch)`` with ``data``.
+      f: scalar function of the flat vector (``f(x, batch)`` with ``data``),
+        or a :func:`ggn` operator.
       x: the point, a 1-D floating-point vector; may be sharded.
-      key: a ``jax.random`` key for the start vector.
+      key: a ``jax.random`` key for the start vectors.
       k: how many eigenvalues, ``1 <= k <= x.size``.
-      iters: at most ``iters * k`` Lanczos steps (Hessian-vector products).
+      which: ``"LA"`` the algebraically largest, ``"SA"`` the smallest
+        (negative curvature), ``"LM"`` the largest in magnitude, ``"BE"``
+        both ends (``k // 2`` from the bottom, the rest from the top).
+      iters: at most ``iters * k`` products.
       tol: relative change per step below which a Ritz value has converged.
-      data: optional iterable of batches; the Hessian is the mean over them.
-      reorth: ``True`` (all Lanczos vectors kept), ``False`` (none) or an
-        integer (the last so many).
+      data: as in :func:`hvp`.
+      info: also return an :class:`EigenInfo`.
+      progress: report progress on stderr (also under ``jax.jit``).
+      basis: vectors kept (``>= k + 2 * block``); default ``max(30, 5 * k)``,
+        fewer above 256 MiB.
 
     Returns:
-      ``(vals, vecs)``: ``vals`` of shape ``(k,)``, descending, and unit
-      eigenvectors ``vecs`` of shape ``(k, x.size)`` (row ``i`` for
-      ``vals[i]``, laid out like ``x``), in float32 or ``x``'s wider dtype.
+      ``(vals, vecs)`` or ``(vals, vecs, info)``: ``vals`` of shape ``(k,)``,
+      descending, unit eigenvectors ``vecs`` of shape ``(k, x.size)`` (row
+      ``i`` for ``vals[i]``, laid out like ``x``), in float32 or ``x``'s wider
+      dtype.
 
     Raises:
       ValueError: ``x`` is not a non-empty vector, ``k`` is not in
-        ``1..x.size``, ``iters``/``reorth`` are not non-negative integers,
-        ``tol`` is negative, or ``data`` is empty.
-      TypeError: ``x`` is not real floating point, or ``f`` is not scalar.
+        ``1..x.size``, ``iters`` or ``basis`` are out of range, ``which`` is
+        unknown, ``tol`` is negative, or ``data`` is empty or malformed.
+      TypeError: ``x`` is not real floating point, ``key`` is not a key,
+        ``tol`` is not a number, or ``f`` is not scalar.
 
     Example:
       >>> import jax, jax.numpy as jnp
       >>> from jaxflat import curvature
-      >>> h = jnp.diag(jnp.arange(1.0, 11.0))          # eigenvalues 1 .. 10
+      >>> h = jnp.diag(jnp.array([-3.0, 1, 2, 5, 5, 5, 7]))
       >>> f = lambda x: 0.5 * x @ h @ x
-      >>> vals, vecs = curvature.eigenvalues(f, jnp.zeros(10), key=jax.random.key(0), k=2)
-      >>> vals.round(3)
-      Array([10.,  9.], dtype=float32)
-      >>> vecs.shape
-      (2, 10)
+      >>> vals, vecs = curvature.eigenvalues(f, jnp.zeros(7), key=jax.random.key(0), k=3)
+      >>> [round(float(v), 3) for v in vals]
+      [7.0, 5.0, 5.0]
+      >>> vals, _, info = curvature.eigenvalues(f, jnp.zeros(7), key=jax.random.key(0),
+      ...                                       which="SA", info=True)
+      >>> round(float(vals[0]), 3), bool(info.converged)
+      (-3.0, True)
     """
+    _check_f("eigenvalues", f)
     _check_x("eigenvalues", x)
+    _check_key("eigenvalues", key)
     n = x.shape[0]
     k = _check_int("eigenvalues", "k", k, 1)
     if k > n:
         raise ValueError(f"eigenvalues: k={k} exceeds the {n} parameters (x.size); use k <= {n}")
+    if which not in _WHICH:
+        raise ValueError(f"eigenvalues: which must be one of {_WHICH}, got {which!r}")
     iters = _check_int("eigenvalues", "iters", iters, 1)
-    if not tol >= 0:
-        raise ValueError(f"eigenvalues: tol must be >= 0, got {tol!r}")
-    m = min(n, k * iters)
-    r = _reorth_size("eigenvalues", reorth, m)
+    tol = _check_tol("eigenvalues", tol)
+    info = _check_bool("eigenvalues", "info", info)
+    progress = _check_bool("eigenvalues", "progress", progress)
+    b = min(k, 16)
+    if basis is None:
+        cap = max(k + 2 * b, min(max(30, 5 * k), _BASIS_BYTES // (n * _dtype(x).itemsize)))
+    else:
+        cap = _check_int("eigenvalues", "basis", basis, k + 2 * b)
+    cap = min(cap, n + b)  # the whole space and one (empty) block more
+    keep = max(k, (cap - b) // 2)
     prepared = _prepare("eigenvalues", data)
-    lay = _layouter(_layout_of(x))
-
-    def run(x: Array, key: Array, arrays: Any) -> tuple[Array, Array]:
-        mv = _operator(f, x, prepared, arrays)
-        dt = _working_dtype(x)
-        start, restarts = jax.random.split(key)
-        q0 = _start(start, x, dt, lay)
-        out = _lanczos(mv, q0, restarts, m=m, r=r, lay=lay, limit=m, k=k, tol=tol)
-        vals, vecs = _eigh_t(out.alphas, out.betas, out.steps)
-        coeffs = jnp.flip(vecs[:, m - k :], axis=1)  # (m, k), column i for the i-th largest
-        if r == m:
-            assert out.basis is not None
-            ritz = lay(coeffs.T @ out.basis, 1)
-        else:  # regenerate the Lanczos vectors, accumulating the Ritz vectors
-            again = _lanczos(mv, q0, restarts, m=m, r=r, lay=lay, limit=out.steps, coeffs=coeffs)
-            assert again.ritz is not None
-            ritz = again.ritz
-        ritz = ritz / jnp.sqrt(jnp.sum(ritz * ritz, axis=1, keepdims=True))
-        return jnp.flip(vals[m - k :]), ritz
-
-    return jax.jit(run)(x, key, prepared.arrays if prepared else None)
+    cfg = _EigCfg(n, k, b, cap, keep, which, iters * k, _layout_of(x), progress)
+    vals, vecs, out_info = _run("eigenvalues", f, x, prepared, _eig_compiled, _eig_impl, _eig_stepper,
+                                (key, jnp.asarray(tol, _dtype(x))), cfg)
+    return (vals, vecs, out_info) if info else (vals, vecs)
 
 
-# ---------------------------------------------------------------- trace
+# ---------------------------------------------------------------- trace and diagonal: Hutchinson
+
+
+class _HutchCfg(NamedTuple):
+    n: int
+    samples: int
+    block: int
+    diag: bool  # diagonal (z * Hz) or trace (z . Hz)
+    sharding: Any
+    progress: bool
+
+
+class _Moments(NamedTuple):
+    n: Array
+    mean: Array
+    m2: Array  # sum of squared deviations from the mean
+
+
+def _probes(key: Array, i: Any, size: int, x: Array, cfg: _HutchCfg) -> Array:
+    """Rademacher vectors, 32 signs from each random 32-bit word (a fraction of the hashing)."""
+    words = jax.random.bits(jax.random.fold_in(key, i), (size, -(-cfg.n // 32)), jnp.uint32)
+    bits = (words[:, :, None] >> jnp.arange(32, dtype=jnp.uint32)[None, None, :]) & jnp.uint32(1)
+    z = 2 * bits.reshape(size, -1)[:, : cfg.n].astype(_dtype(x)) - 1
+    return _lay(cfg.sharding, z)
+
+
+def _combine(m: _Moments, z: Array, hz: Array, cfg: _HutchCfg) -> _Moments:
+    """Chan et al.'s update of the running mean and squared deviations by one block."""
+    vals = z * hz if cfg.diag else jnp.sum(z * hz, axis=1)
+    nb = vals.shape[0]
+    mb = jnp.mean(vals, axis=0)
+    m2b = jnp.sum((vals - mb[None]) ** 2, axis=0)
+    count = m.n + nb
+    delta = mb - m.mean
+    mean = m.mean + delta * (nb / count)
+    m2 = m.m2 + m2b + delta**2 * (m.n * nb / count)
+    _progress(cfg.progress, "diagonal" if cfg.diag else "trace", count, jnp.sum(mean))
+    return _Moments(count, mean, m2)
+
+
+def _hutch_init(x: Array, cfg: _HutchCfg) -> _Moments:
+    dt = _dtype(x)
+    shape = (cfg.n,) if cfg.diag else ()
+    zero = _lay(cfg.sharding, jnp.zeros(shape, dt)) if cfg.diag else jnp.zeros(shape, dt)
+    return _Moments(jnp.zeros((), dt), zero, zero)
+
+
+def _hutch_finish(m: _Moments, cfg: _HutchCfg) -> tuple[Array, EstimateInfo]:
+    stderr = jnp.sqrt(m.m2 / (m.n - 1) / m.n) if cfg.samples > 1 else jnp.full_like(m.mean, jnp.nan)
+    name = "diagonal" if cfg.diag else "trace"
+    _progress(cfg.progress, name, m.n, jnp.sum(m.mean), final=True)
+    return m.mean, EstimateInfo(jnp.asarray(cfg.samples), jnp.asarray(True), stderr)
+
+
+def _hutch_impl(product: Callable[[Array], Array], x: Array, key: Array, cfg: _HutchCfg) -> Any:
+    full, rest = divmod(cfg.samples, cfg.block)
+
+    def body(i: Array, m: _Moments) -> _Moments:
+        z = _probes(key, i, cfg.block, x, cfg)
+        return _combine(m, z, product(z), cfg)
+
+    m = jax.lax.fori_loop(0, full, body, _hutch_init(x, cfg))
+    if rest:
+        z = _probes(key, full, rest, x, cfg)
+        m = _combine(m, z, product(z), cfg)
+    return _hutch_finish(m, cfg)
+
+
+@partial(jax.jit, static_argnames=("op", "cfg", "data"))
+def _hutch_compiled(op: Any, x: Array, key: Array, arrays: Any, *, cfg: _HutchCfg, data: _Data) -> Any:
+    name = "diagonal" if cfg.diag else "trace"
+    return _hutch_impl(_product_fn(name, op, x, data, arrays, cfg.sharding), x, key, cfg)
+
+
+_probes_jit = jax.jit(_probes, static_argnames=("size", "cfg"))
+_combine_jit = jax.jit(_combine, static_argnames=("cfg",))
+_hutch_init_jit = jax.jit(_hutch_init, static_argnames=("cfg",))
+_hutch_finish_jit = jax.jit(_hutch_finish, static_argnames=("cfg",))
+
+
+def _hutch_stepper(product: Callable[[Array], Array], x: Array, key: Array, cfg: _HutchCfg) -> Any:
+    full, rest = divmod(cfg.samples, cfg.block)
+    m = _hutch_init_jit(x, cfg=cfg)
+    for i, size in [(i, cfg.block) for i in range(full)] + ([(full, rest)] if rest else []):
+        z = _probes_jit(key, i, size, x, cfg=cfg)
+        m = _combine_jit(m, z, product(z), cfg=cfg)
+    return _hutch_finish_jit(m, cfg=cfg)
+
+
+def _hutchinson(name: str, f: Any, x: Array, key: Array, samples: Any, data: Any, info: Any,
+                progress: Any, block: Any) -> Any:
+    _check_f(name, f)
+    _check_x(name, x)
+    _check_key(name, key)
+    samples = _check_int(name, "samples", samples, 1)
+    block = _PROBE_BLOCK if block is None else _check_int(name, "block", block, 1)
+    info = _check_bool(name, "info", info)
+    progress = _check_bool(name, "progress", progress)
+    prepared = _prepare(name, data)
+    cfg = _HutchCfg(x.shape[0], samples, min(block, samples), name == "diagonal", _layout_of(x), progress)
+    est, out_info = _run(name, f, x, prepared, _hutch_compiled, _hutch_impl, _hutch_stepper, (key,), cfg)
+    return (est, out_info) if info else est
 
 
 def trace(
@@ -479,58 +959,217 @@ def trace(
     *,
     key: Array,
     samples: int = 100,
-    data: Iterable[Any] | None = None,
-) -> Array:
-    """An unbiased estimate of the trace of the Hessian of ``f`` at ``x``.
+    data: Any = None,
+    info: bool = False,
+    progress: bool = False,
+    block: int | None = None,
+) -> Any:
+    """An unbiased estimate of the trace of the Hessian (or Gauss-Newton matrix) of ``f`` at ``x``.
 
     Hutchinson's estimator with Rademacher vectors: the mean of
     ``z @ H @ z`` over ``samples`` random sign vectors ``z`` drawn from
-    ``key`` (``samples`` Hessian-vector products in one ``lax.fori_loop``;
-    memory: a few vectors). Its variance per sample is
-    ``2 * (sum(H**2) - sum(diag(H)**2))``, so the standard error is that
-    over ``samples``, square-rooted; it is exact for a diagonal Hessian.
+    ``key``, exactly ``samples`` products, ``block`` of them at once (one
+    ``jax.vmap``-ed product: matrix-matrix work, default 5, chosen by
+    measurement; memory grows with it). Its variance per sample is
+    ``2 * (sum(H**2) - sum(diag(H)**2))``; ``info=True`` gives the
+    standard error estimated from the samples. Exact for a diagonal Hessian.
 
     Args:
-      f: scalar function of the flat vector; ``f(x, batch)`` with ``data``.
+      f: scalar function of the flat vector (``f(x, batch)`` with ``data``),
+        or a :func:`ggn` operator.
       x: the point, a 1-D floating-point vector; may be sharded.
-      key: a ``jax.random`` key (the same key gives the same estimate).
-      samples: the number of Hessian-vector products, ``>= 1``.
-      data: optional iterable of batches; the Hessian is the mean over them.
+      key: a ``jax.random`` key (the same key and block give the same estimate).
+      samples: the number of products, ``>= 1``.
+      data: as in :func:`hvp`.
+      info: also return an :class:`EstimateInfo` (``stderr`` a scalar).
+      progress: report progress on stderr (also under ``jax.jit``).
+      block: probes per vectorised product (default 5).
 
     Returns:
-      A scalar, float32 or ``x``'s wider dtype.
+      A scalar (float32 or ``x``'s wider dtype), or ``(trace, info)``.
 
     Raises:
       ValueError: ``x`` is not a non-empty vector, ``samples < 1``, or
-        ``data`` is empty.
-      TypeError: ``x`` is not real floating point, or ``f`` is not scalar.
+        ``data`` is empty or malformed.
+      TypeError: ``x`` is not real floating point, ``key`` is not a key, or
+        ``f`` is not scalar.
 
     Example:
       >>> import jax, jax.numpy as jnp
       >>> from jaxflat import curvature
       >>> f = lambda x: jnp.sum(jnp.arange(1.0, 5.0) * x ** 2)   # H = diag(2, 4, 6, 8)
-      >>> curvature.trace(f, jnp.zeros(4), key=jax.random.key(0), samples=10)
-      Array(20., dtype=float32)
+      >>> t, info = curvature.trace(f, jnp.zeros(4), key=jax.random.key(0), samples=10, info=True)
+      >>> t, info.stderr
+      (Array(20., dtype=float32), Array(0., dtype=float32))
     """
-    _check_x("trace", x)
-    samples = _check_int("trace", "samples", samples, 1)
-    prepared = _prepare("trace", data)
-    lay = _layouter(_layout_of(x))
-
-    def run(x: Array, key: Array, arrays: Any) -> Array:
-        mv = _operator(f, x, prepared, arrays)
-        dt = _working_dtype(x)
-
-        def body(i: Array, total: Array) -> Array:
-            z = lay(jax.random.rademacher(jax.random.fold_in(key, i), x.shape, dt), 0)
-            return total + jnp.sum(z * mv(z))
-
-        return jax.lax.fori_loop(0, samples, body, jnp.zeros((), dt)) / samples
-
-    return jax.jit(run)(x, key, prepared.arrays if prepared else None)
+    return _hutchinson("trace", f, x, key, samples, data, info, progress, block)
 
 
-# ---------------------------------------------------------------- density
+def diagonal(
+    f: Callable[..., Any],
+    x: Array,
+    *,
+    key: Array,
+    samples: int = 100,
+    data: Any = None,
+    info: bool = False,
+    progress: bool = False,
+    block: int | None = None,
+) -> Any:
+    """An unbiased estimate of the diagonal of the Hessian (or Gauss-Newton matrix), like ``x``.
+
+    The mean of ``z * (H @ z)`` over ``samples`` Rademacher vectors ``z``
+    (Bekas et al.): entry ``i`` is ``H_ii`` plus ``sum_{j != i} H_ij z_i z_j``,
+    which has mean zero. ``re(d)`` gives it per layer and
+    ``jax.tree.map(jnp.sum, re(d))`` the trace of each layer's block.
+    Products and blocks as in :func:`trace`.
+
+    Args:
+      f: scalar function of the flat vector (``f(x, batch)`` with ``data``),
+        or a :func:`ggn` operator.
+      x: the point, a 1-D floating-point vector; may be sharded.
+      key: a ``jax.random`` key.
+      samples: the number of products, ``>= 1``.
+      data: as in :func:`hvp`.
+      info: also return an :class:`EstimateInfo` (``stderr`` like ``x``).
+      progress: report progress on stderr (also under ``jax.jit``).
+      block: probes per vectorised product (default 5).
+
+    Returns:
+      A vector like ``x`` (float32 or ``x``'s wider dtype), or ``(diag, info)``.
+
+    Raises:
+      ValueError, TypeError: as :func:`trace`.
+
+    Example:
+      >>> import jax, jax.numpy as jnp
+      >>> from jaxflat import curvature
+      >>> f = lambda x: jnp.sum(jnp.arange(1.0, 4.0) * x ** 2) + x[0] * x[1]
+      >>> curvature.diagonal(f, jnp.zeros(3), key=jax.random.key(0), samples=1000).round(1)
+      Array([2., 4., 6.], dtype=float32)
+    """
+    return _hutchinson("diagonal", f, x, key, samples, data, info, progress, block)
+
+
+# ---------------------------------------------------------------- density: Lanczos quadrature
+
+
+class _DensCfg(NamedTuple):
+    n: int
+    m: int  # Lanczos steps per run
+    runs: int
+    r: int  # vectors kept for reorthogonalisation
+    points: int
+    sigma: float | None
+    sharding: Any
+    progress: bool
+
+
+class _LanState(NamedTuple):
+    """One Lanczos run per row: ``runs`` runs advance together (one block product)."""
+
+    j: Array
+    q: Array  # (runs, n)
+    q_prev: Array
+    beta_prev: Array  # (runs,)
+    alphas: Array  # (runs, m)
+    betas: Array
+    basis: Array  # (runs, r, n): the last r vectors
+    scale: Array  # (runs,)
+    seed: Array  # for the restart vectors
+
+
+def _unit(v: Array) -> Array:
+    return v / jnp.linalg.norm(v, axis=-1, keepdims=True)
+
+
+def _dens_init(x: Array, key: Array, cfg: _DensCfg) -> _LanState:
+    dt = _dtype(x)
+    q = _lay(cfg.sharding, _unit(jax.random.normal(key, (cfg.runs, cfg.n), dt)))
+    seed = jax.random.bits(jax.random.fold_in(key, 1), (), jnp.uint32)
+    zr, zm = jnp.zeros(cfg.runs, dt), jnp.zeros((cfg.runs, cfg.m), dt)
+    basis = _lay(cfg.sharding, jnp.zeros((cfg.runs, cfg.r, cfg.n), dt))
+    return _LanState(jnp.zeros((), jnp.int32), q, jnp.zeros_like(q), zr, zm, zm, basis, zr, seed)
+
+
+def _dens_step(st: _LanState, w: Array, cfg: _DensCfg) -> _LanState:
+    """One Lanczos step of every run (rows); a breakdown (an invariant subspace)
+    goes on from a fresh random vector, uncoupled (a zero beta)."""
+    eps = float(jnp.finfo(st.q.dtype).eps)
+    j, q = st.j, st.q
+    basis = st.basis
+
+    explicit = cfg.sharding is not None and any(t == AxisType.Explicit for t in cfg.sharding.mesh.axis_types)
+    replicated: dict[str, Any] = {"out_sharding": NamedSharding(cfg.sharding.mesh, PartitionSpec())} if explicit else {}
+
+    def project(v: Array) -> Array:  # classical Gram-Schmidt against each run's basis, twice
+        for _ in range(2):
+            v = v - jnp.einsum("rk,rkn->rn", jnp.einsum("rkn,rn->rk", basis, v, **replicated), basis)
+        return v
+
+    if cfg.r:
+        basis = jax.lax.dynamic_update_index_in_dim(basis, q, j % cfg.r, 1)
+    alpha = jnp.sum(q * w, axis=1)
+    w = w - alpha[:, None] * q - st.beta_prev[:, None] * st.q_prev
+    w = project(w) if cfg.r else w
+    beta = jnp.linalg.norm(w, axis=1)
+    scale = jnp.maximum(st.scale, jnp.abs(alpha) + beta + st.beta_prev)
+    broke = beta <= 100 * eps * scale
+
+    def fresh() -> Array:
+        u = _noise(st.seed, j, q.shape, q.dtype, cfg.sharding)
+        u = u - jnp.sum(u * q, axis=1, keepdims=True) * q
+        return _lay(cfg.sharding, _unit(project(u) if cfg.r else u))
+
+    u = jax.lax.cond(jnp.any(broke), fresh, lambda: _lay(cfg.sharding, jnp.zeros_like(q)))
+    q_next = jnp.where(broke[:, None], u, w / jnp.where(broke, 1, beta)[:, None])
+    beta = jnp.where(broke, 0, beta)
+    alphas, betas = st.alphas.at[:, j].set(alpha), st.betas.at[:, j].set(beta)
+    _progress(cfg.progress, "density", (j + 1) * cfg.runs, alpha)
+    return _LanState(j + 1, _lay(cfg.sharding, q_next), q, beta, alphas, betas, basis, scale, st.seed)
+
+
+def _dens_finish(st: _LanState, cfg: _DensCfg) -> tuple[Array, Array]:
+    m, dt = cfg.m, st.alphas.dtype
+
+    def ritz(alphas: Array, betas: Array) -> tuple[Array, Array]:
+        e = betas[:-1]
+        vals, vecs = jnp.linalg.eigh(jnp.diag(alphas) + jnp.diag(e, 1) + jnp.diag(e, -1))
+        return vals, vecs[0] ** 2
+
+    thetas, weights = jax.vmap(ritz)(st.alphas, st.betas)
+    lo, hi = jnp.min(thetas), jnp.max(thetas)
+    mag = jnp.maximum(jnp.abs(lo), jnp.abs(hi))
+    scale = jnp.where(hi > lo, hi - lo, jnp.where(mag > 0, mag, 1.0))  # a zero Hessian: width 0.01
+    width = jnp.asarray(0.01 * scale if cfg.sigma is None else cfg.sigma, dt)
+    grid = jnp.linspace(lo - 5 * width, hi + 5 * width, cfg.points, dtype=dt)
+    z = (grid[:, None, None] - thetas[None, :, :]) / width
+    dens = jnp.sum(weights[None, :, :] * jnp.exp(-0.5 * z * z), axis=(1, 2))
+    _progress(cfg.progress, "density", jnp.asarray(m * cfg.runs), jnp.stack([lo, hi]), final=True)
+    return grid, dens / jnp.trapezoid(dens, grid)
+
+
+def _dens_impl(product: Callable[[Array], Array], x: Array, key: Array, cfg: _DensCfg) -> Any:
+    st = jax.lax.fori_loop(0, cfg.m, lambda _, st: _dens_step(st, product(st.q), cfg),
+                           _dens_init(x, key, cfg))
+    return _dens_finish(st, cfg)
+
+
+@partial(jax.jit, static_argnames=("op", "cfg", "data"))
+def _dens_compiled(op: Any, x: Array, key: Array, arrays: Any, *, cfg: _DensCfg, data: _Data) -> Any:
+    return _dens_impl(_product_fn("density", op, x, data, arrays, cfg.sharding), x, key, cfg)
+
+
+_dens_init_jit = jax.jit(_dens_init, static_argnames=("cfg",))
+_dens_step_jit = jax.jit(_dens_step, static_argnames=("cfg",))
+_dens_finish_jit = jax.jit(_dens_finish, static_argnames=("cfg",))
+
+
+def _dens_stepper(product: Callable[[Array], Array], x: Array, key: Array, cfg: _DensCfg) -> Any:
+    st = _dens_init_jit(x, key, cfg=cfg)
+    for _ in range(cfg.m):
+        st = _dens_step_jit(st, product(st.q), cfg=cfg)
+    return _dens_finish_jit(st, cfg=cfg)
 
 
 def density(
@@ -542,36 +1181,42 @@ def density(
     runs: int = 1,
     points: int = 1000,
     sigma: float | None = None,
-    data: Iterable[Any] | None = None,
-    reorth: bool | int = True,
+    data: Any = None,
+    progress: bool = False,
+    reorth: bool | int | None = None,
 ) -> tuple[Array, Array]:
-    """The spectral density of the Hessian of ``f`` at ``x``, by stochastic Lanczos quadrature.
+    """The spectral density of the Hessian (or Gauss-Newton matrix), by stochastic Lanczos quadrature.
 
     ``runs`` independent Lanczos runs of ``iters`` steps (capped at
-    ``x.size``) from random unit vectors drawn from ``key``. Each run's
-    Ritz values ``theta`` with weights ``tau`` (the squared first components
-    of T's eigenvectors, summing to 1) approximate the spectral measure; each
-    Ritz value becomes a Gaussian of width ``sigma``, averaged over the runs.
-    ``sigma`` defaults to 1% of the span of the Ritz values (or of their
-    magnitude when they coincide). ``grid`` spans the Ritz values with a
-    margin of ``5 * sigma`` on each side; ``dens`` is non-negative and
-    normalised so that ``jnp.trapezoid(dens, grid) == 1``.
+    ``x.size``) from random unit vectors drawn from ``key``, advanced
+    together (one vectorised product of ``runs`` vectors per step). Each
+    run's Ritz values ``theta`` with weights ``tau`` (the squared first
+    components of T's eigenvectors, summing to 1) approximate the spectral
+    measure; each Ritz value becomes a Gaussian of width ``sigma``, averaged
+    over the runs. ``sigma`` defaults to 1% of the span of the Ritz values
+    (or of their magnitude when they coincide, or 0.01 for a zero Hessian).
+    ``grid`` spans the Ritz values with a margin of ``5 * sigma`` on each
+    side; ``dens`` is non-negative and ``jnp.trapezoid(dens, grid) == 1``.
 
-    Memory: a few vectors plus the kept Lanczos vectors, as in
-    :func:`eigenvalues` (``reorth=True`` keeps one per step; ``reorth=False``
-    none, which suits very large models: quadrature needs no Ritz vectors).
+    Memory: a few vectors per run plus the last ``reorth`` Lanczos vectors
+    kept to reorthogonalise against (default: 30, fewer where they would
+    exceed 256 MiB; ``True``: all, ``False``: none; the plain recurrence then
+    produces copies of converged Ritz values, which split their weight and
+    leave the density as it was).
 
     Args:
-      f: scalar function of the flat vector; ``f(x, batch)`` with ``data``.
+      f: scalar function of the flat vector (``f(x, batch)`` with ``data``),
+        or a :func:`ggn` operator.
       x: the point, a 1-D floating-point vector; may be sharded.
       key: a ``jax.random`` key (the same key gives the same density).
-      iters: Lanczos steps (Hessian-vector products) per run, ``>= 1``.
+      iters: Lanczos steps (products) per run, ``>= 1``.
       runs: independent runs, ``>= 1``.
       points: grid points, ``>= 2``.
-      sigma: the Gaussians' width; ``None`` for 1% of the span.
-      data: optional iterable of batches; the Hessian is the mean over them.
-      reorth: ``True`` (all Lanczos vectors kept), ``False`` (none) or an
-        integer (the last so many).
+      sigma: the Gaussians' width (a positive number); ``None`` for 1% of the span.
+      data: as in :func:`hvp`.
+      progress: report progress on stderr (also under ``jax.jit``).
+      reorth: ``True`` (all Lanczos vectors kept), ``False`` (none), an
+        integer (the last so many) or ``None`` (30, fewer above 256 MiB).
 
     Returns:
       ``(grid, dens)``, both of shape ``(points,)``.
@@ -579,8 +1224,9 @@ def density(
     Raises:
       ValueError: ``x`` is not a non-empty vector, ``iters``, ``runs``,
         ``points`` or ``reorth`` are out of range, ``sigma`` is not
-        positive, or ``data`` is empty.
-      TypeError: ``x`` is not real floating point, or ``f`` is not scalar.
+        positive, or ``data`` is empty or malformed.
+      TypeError: ``x`` is not real floating point, ``key`` is not a key,
+        ``sigma`` is not a number, or ``f`` is not scalar.
 
     Example:
       >>> import jax, jax.numpy as jnp
@@ -591,39 +1237,29 @@ def density(
       Array(True, dtype=bool)
       >>> jnp.trapezoid(dens, grid)
       Array(1., dtype=float32)
-      >>> mass_near_1 = jnp.trapezoid(jnp.where(grid < 2, dens, 0), grid)  # close to 2/3
     """
+    _check_f("density", f)
     _check_x("density", x)
+    _check_key("density", key)
     n = x.shape[0]
     iters = _check_int("density", "iters", iters, 1)
     runs = _check_int("density", "runs", runs, 1)
     points = _check_int("density", "points", points, 2)
-    if sigma is not None and not (isinstance(sigma, int | float) and sigma > 0 and math.isfinite(sigma)):
-        raise ValueError(f"density: sigma must be a positive number or None, got {sigma!r}")
+    progress = _check_bool("density", "progress", progress)
+    if sigma is not None:
+        if isinstance(sigma, bool) or not isinstance(sigma, numbers.Real):
+            raise TypeError(f"density: sigma must be a positive number or None, got {sigma!r} "
+                            f"({type(sigma).__name__})")
+        if not (float(sigma) > 0 and np.isfinite(float(sigma))):
+            raise ValueError(f"density: sigma must be a positive number or None, got {sigma!r}")
+        sigma = float(sigma)
     m = min(n, iters)
-    r = _reorth_size("density", reorth, m)
+    if reorth is None:
+        r = min(m, 30, _BASIS_BYTES // (runs * n * _dtype(x).itemsize))
+    elif reorth is True or reorth is False:
+        r = m if reorth else 0
+    else:
+        r = min(_check_int("density", "reorth", reorth, 0), m)
     prepared = _prepare("density", data)
-    lay = _layouter(_layout_of(x))
-
-    def run(x: Array, key: Array, arrays: Any) -> tuple[Array, Array]:
-        mv = _operator(f, x, prepared, arrays)
-        dt = _working_dtype(x)
-
-        def one(i: Array, acc: tuple[Array, Array]) -> tuple[Array, Array]:
-            start, restarts = jax.random.split(jax.random.fold_in(key, i))
-            out = _lanczos(mv, _start(start, x, dt, lay), restarts, m=m, r=r, lay=lay, limit=m)
-            vals, vecs = _eigh_t(out.alphas, out.betas, out.steps)
-            thetas, weights = acc
-            return thetas.at[i].set(vals), weights.at[i].set(vecs[0] ** 2)
-
-        init = (jnp.zeros((runs, m), dt), jnp.zeros((runs, m), dt))
-        thetas, weights = jax.lax.fori_loop(0, runs, one, init)
-        lo, hi = jnp.min(thetas), jnp.max(thetas)
-        scale = jnp.where(hi > lo, hi - lo, jnp.maximum(jnp.abs(hi), jnp.finfo(dt).tiny))
-        width = jnp.asarray(0.01 * scale if sigma is None else sigma, dt)
-        grid = jnp.linspace(lo - 5 * width, hi + 5 * width, points, dtype=dt)
-        z = (grid[:, None, None] - thetas[None, :, :]) / width
-        dens = jnp.sum(weights[None, :, :] * jnp.exp(-0.5 * z * z), axis=(1, 2))
-        return grid, dens / jnp.trapezoid(dens, grid)
-
-    return jax.jit(run)(x, key, prepared.arrays if prepared else None)
+    cfg = _DensCfg(n, m, runs, r, points, sigma, _layout_of(x), progress)
+    return _run("density", f, x, prepared, _dens_compiled, _dens_impl, _dens_stepper, (key,), cfg)
