@@ -60,7 +60,9 @@ def child(op: str, mb: int, folder: str, warm: int = 0) -> None:
         mesh = jax.sharding.Mesh(np.array(jax.devices()).reshape(2, 4), ("a", "b"))
         spec = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec("a", "b"))
         tree = jax.tree.map(lambda x: jax.device_put(x.reshape(8, -1), spec), tree)
-    abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), tree)
+    abstract = jax.tree.map(
+        lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), tree
+    )
     host = jax.tree.map(np.asarray, tree)
     if op.startswith(("jaxflat.load", "orbax restore")):  # needs a checkpoint on disk
         jaxflat.save(path / "jf", tree, overwrite=True)
@@ -114,7 +116,6 @@ def run(op: str, path: Path, host: Any, abstract: Any) -> None:
         jax.block_until_ready(jax.tree.map(jax.device_put, host))
 
 
-
 def host_tree(host):  # the saved tree: device arrays made from the host copy
     import jax
 
@@ -138,23 +139,48 @@ def main() -> None:
         for _ in range(a.reps):  # interleaved: each rep runs every op once
             for op in OPS:
                 out = subprocess.run(
-                    [sys.executable, __file__, "--child", op, "--mb", str(a.mb), "--folder", folder],
-                    capture_output=True, text=True, timeout=600,
+                    [
+                        sys.executable,
+                        __file__,
+                        "--child",
+                        op,
+                        "--mb",
+                        str(a.mb),
+                        "--folder",
+                        folder,
+                    ],
+                    capture_output=True,
+                    text=True,
+                    timeout=600,
                 )
                 if out.returncode:
                     sys.exit(f"{op} failed:\n{out.stderr[-3000:]}")
                 results[op].append(json.loads(out.stdout.strip().splitlines()[-1]))
         out = subprocess.run(
-            [sys.executable, __file__, "--child", "jaxflat.load()", "--mb", str(a.mb),
-             "--folder", folder, "--warm", "5"],
-            capture_output=True, text=True, timeout=900,
+            [
+                sys.executable,
+                __file__,
+                "--child",
+                "jaxflat.load()",
+                "--mb",
+                str(a.mb),
+                "--folder",
+                folder,
+                "--warm",
+                "5",
+            ],
+            capture_output=True,
+            text=True,
+            timeout=900,
         )
         if out.returncode:
             sys.exit(f"warm run failed:\n{out.stderr[-3000:]}")
         warm = json.loads(out.stdout.strip().splitlines()[-1])
     finally:
         shutil.rmtree(folder, ignore_errors=True)
-    med = {op: {k: statistics.median(r[k] for r in rs) for k in rs[0]} for op, rs in results.items()}
+    med = {
+        op: {k: statistics.median(r[k] for r in rs) for k in rs[0]} for op, rs in results.items()
+    }
     print(f"## {a.mb} MB float32 model (100 leaves), medians of {a.reps} fresh processes\n")
     print("| operation | seconds | peak RSS growth (MiB) | time vs baseline | memory vs baseline |")
     print("|---|---|---|---|---|")
@@ -174,8 +200,10 @@ def main() -> None:
             ratio = f"{warm[op] / warm[base]:.2f}x {base}" if base else ""
             print(f"| {op} | {warm[op]:.3f} | {ratio} |")
     check = warm["jaxflat.load(like)"] - warm["jaxflat.load(like, verify=False)"]
-    print(f"\nHash check (warm): {check:.3f} s = {100 * check / warm['jaxflat.load(like)']:.1f}% "
-          "of jaxflat.load(like)")
+    print(
+        f"\nHash check (warm): {check:.3f} s = {100 * check / warm['jaxflat.load(like)']:.1f}% "
+        "of jaxflat.load(like)"
+    )
 
 
 if __name__ == "__main__":

@@ -135,7 +135,10 @@ def cnn_problem(quick: bool) -> tuple[Any, Any, str, Any]:
     def f(v: jax.Array) -> jax.Array:
         return optax.softmax_cross_entropy_with_integer_labels(re(v)(xs), ys).mean()
 
-    op = curvature.ggn(lambda v: re(v)(xs), lambda out: optax.softmax_cross_entropy_with_integer_labels(out, ys).mean())
+    op = curvature.ggn(
+        lambda v: re(v)(xs),
+        lambda out: optax.softmax_cross_entropy_with_integer_labels(out, ys).mean(),
+    )
     return flat, f, f"CNN+BN, {flat.size:,} params, batch {batch} of 32x32x3", op
 
 
@@ -201,7 +204,9 @@ def gpt2_problem(quick: bool) -> tuple[Any, Any, str, Any]:
     return flat, f, label, op
 
 
-def mlp_problem(quick: bool, widths: tuple[int, ...] | None = None) -> tuple[Any, Any, Any, Any, str]:
+def mlp_problem(
+    quick: bool, widths: tuple[int, ...] | None = None
+) -> tuple[Any, Any, Any, Any, str]:
     """784-256-256-10 tanh MLP, 512 random samples, cross-entropy (returns weights, data too)."""
     import jax
     import jax.numpy as jnp
@@ -299,7 +304,11 @@ def child_lanczos(quick: bool) -> dict[str, Any]:
 
     def lanczos(iters: int, tol: float) -> tuple[float, int, float, float]:
         counter = Counter()
-        fn = jax.jit(lambda x, k: curvature.eigenvalues(counter.wrap(f), x, key=k, iters=iters, tol=tol)[0][0])
+        fn = jax.jit(
+            lambda x, k: curvature.eigenvalues(counter.wrap(f), x, key=k, iters=iters, tol=tol)[0][
+                0
+            ]
+        )
         start = time.perf_counter()
         compiled = fn.lower(flat, key).compile()
         compile_s = time.perf_counter() - start
@@ -329,7 +338,9 @@ def child_lanczos(quick: bool) -> dict[str, Any]:
     values, elapsed = power_iteration(hvp, flat, key, max_iter=100, tol=1e-3)
     out["power_default"] = dict(value=values[-1], hvps=len(values), run_s=elapsed)
     values, elapsed = power_iteration(hvp, flat, key, max_iter=2000 if not quick else 500, tol=None)
-    hit = next((i for i, lam in enumerate(values) if abs(lam - lam_star) <= 1e-3 * abs(lam_star)), None)
+    hit = next(
+        (i for i, lam in enumerate(values) if abs(lam - lam_star) <= 1e-3 * abs(lam_star)), None
+    )
     out["power_to_1e-3"] = dict(
         value=values[hit] if hit is not None else values[-1],
         hvps=hit + 1 if hit is not None else None,
@@ -392,8 +403,13 @@ def child_pyhessian(quick: bool, weights_path: str) -> dict[str, Any]:
         t1 = time.perf_counter()
         tr = comp.trace(maxIter=100, tol=0)  # exactly 100 probes
         t2 = time.perf_counter()
-        out[call] = dict(top=float(top[0]), trace=float(np.mean(tr)), trace_samples=len(tr),
-                         eig_s=t1 - t0, trace_s=t2 - t1)
+        out[call] = dict(
+            top=float(top[0]),
+            trace=float(np.mean(tr)),
+            trace_samples=len(tr),
+            eig_s=t1 - t0,
+            trace_s=t2 - t1,
+        )
         if call == "first":
             out["process_s"] = t2 - start
     return out
@@ -418,7 +434,9 @@ def child_jit(quick: bool) -> dict[str, Any]:
         jax.block_until_ready(call(flat, key))
         first = time.perf_counter() - start
         jitted = jax.jit(call)
-        out[name] = dict(first_s=first, eager_s=timed(call, flat, key), jit_s=timed(jitted, flat, key))
+        out[name] = dict(
+            first_s=first, eager_s=timed(call, flat, key), jit_s=timed(jitted, flat, key)
+        )
     return out
 
 
@@ -431,7 +449,9 @@ def child_blocks(quick: bool) -> dict[str, Any]:
     key = jax.random.key(0)
     out: dict[str, Any] = {}
     for block in (1, 5, 10, 20, 25, 50, 100):
-        fn = jax.jit(lambda x, k, block=block: curvature.trace(f, x, key=k, samples=100, block=block))
+        fn = jax.jit(
+            lambda x, k, block=block: curvature.trace(f, x, key=k, samples=100, block=block)
+        )
         out[str(block)] = dict(s=timed(fn, flat, key, reps=3), trace=float(fn(flat, key)))
     return out
 
@@ -450,11 +470,20 @@ def child_memory(quick: bool, mode: str) -> dict[str, Any]:
     if mode == "default":
         vals, _, info = curvature.eigenvalues(f, flat, key=key, k=10, info=True)
     else:  # every vector kept: no restart, full reorthogonalisation (30 block steps at most)
-        vals, _, info = curvature.eigenvalues(f, flat, key=key, k=10, iters=30, basis=310, info=True)
+        vals, _, info = curvature.eigenvalues(
+            f, flat, key=key, k=10, iters=30, basis=310, info=True
+        )
     jax.block_until_ready(vals)
-    return dict(label=label, params=int(flat.size), vals=[float(v) for v in vals],
-                matvecs=int(info.matvecs), converged=bool(info.converged), s=time.perf_counter() - start,
-                rss_before_mib=rss0, peak_rss_mib=peak_rss_mib())
+    return dict(
+        label=label,
+        params=int(flat.size),
+        vals=[float(v) for v in vals],
+        matvecs=int(info.matvecs),
+        converged=bool(info.converged),
+        s=time.perf_counter() - start,
+        rss_before_mib=rss0,
+        peak_rss_mib=peak_rss_mib(),
+    )
 
 
 def child_gpt2(quick: bool) -> dict[str, Any]:
@@ -464,7 +493,11 @@ def child_gpt2(quick: bool) -> dict[str, Any]:
 
     flat, f, label, _ = gpt2_problem(quick)
     key = jax.random.key(0)
-    out: dict[str, Any] = {"label": label, "params": int(flat.size), "rss_after_build_mib": peak_rss_mib()}
+    out: dict[str, Any] = {
+        "label": label,
+        "params": int(flat.size),
+        "rss_after_build_mib": peak_rss_mib(),
+    }
     for name, call in (
         ("eigenvalues", lambda g, x: curvature.eigenvalues(g, x, key=key, iters=30)[0]),
         ("density", lambda g, x: curvature.density(g, x, key=key, iters=30)),
@@ -478,8 +511,13 @@ def child_gpt2(quick: bool) -> dict[str, Any]:
         result = jax.block_until_ready(compiled(flat))
         jax.effects_barrier()
         run_s = time.perf_counter() - start
-        out[name] = dict(compile_s=compile_s, run_s=run_s, hvps=counter.n,
-                         per_hvp_s=run_s / max(counter.n, 1), peak_rss_mib=peak_rss_mib())
+        out[name] = dict(
+            compile_s=compile_s,
+            run_s=run_s,
+            hvps=counter.n,
+            per_hvp_s=run_s / max(counter.n, 1),
+            peak_rss_mib=peak_rss_mib(),
+        )
         if name == "eigenvalues":
             out[name]["top"] = float(result[0])
         else:
@@ -491,11 +529,17 @@ def child_gpt2(quick: bool) -> dict[str, Any]:
 # ---------------------------------------------------------------- parent
 
 
-def run_child(args: list[str], timeout: float, python: str | None = None) -> tuple[dict[str, Any] | None, float, str]:
+def run_child(
+    args: list[str], timeout: float, python: str | None = None
+) -> tuple[dict[str, Any] | None, float, str]:
     start = time.perf_counter()
     try:
-        proc = subprocess.run([python or sys.executable, str(HERE), "--child", *args], capture_output=True,
-                              text=True, timeout=timeout)
+        proc = subprocess.run(
+            [python or sys.executable, str(HERE), "--child", *args],
+            capture_output=True,
+            text=True,
+            timeout=timeout,
+        )
     except subprocess.TimeoutExpired:
         return None, time.perf_counter() - start, "timeout"
     wall = time.perf_counter() - start
@@ -513,7 +557,9 @@ def progress(msg: str) -> None:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--quick", action="store_true", help="tiny sizes: a smoke run in seconds")
     parser.add_argument("--sections", default="hvp,lanczos,pyhessian,jit,blocks,memory,gpt2")
     parser.add_argument("--child", nargs="+", help=argparse.SUPPRESS)
@@ -549,15 +595,19 @@ def main() -> None:
 
     load0 = os.getloadavg()
     print(f"# jaxflat.curvature benchmarks{' (--quick)' if args.quick else ''}\n")
-    print(f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores; "
-          f"python {platform.python_version()}, jax {jax.__version__}, backend {jax.default_backend()}; "
-          f"load average at start {load0[0]:.1f}\n")
+    print(
+        f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores; "
+        f"python {platform.python_version()}, jax {jax.__version__}, backend {jax.default_backend()}; "
+        f"load average at start {load0[0]:.1f}\n"
+    )
     timeout = 600 if args.quick else 3600
 
     if "hvp" in sections:
         print("## HVP cost over gradient cost (jitted, steady, median)\n")
-        print("| model | grad ms | HVP ms | HVP/grad | GGN-vp ms | GGN/grad | grad temp MiB | HVP temp MiB "
-              "| GGN temp MiB | peak RSS MiB |")
+        print(
+            "| model | grad ms | HVP ms | HVP/grad | GGN-vp ms | GGN/grad | grad temp MiB | HVP temp MiB "
+            "| GGN temp MiB | peak RSS MiB |"
+        )
         print("|---|---|---|---|---|---|---|---|---|---|")
         for model in ("cnn", "gpt2"):
             progress(f"hvp: {model}")
@@ -565,13 +615,17 @@ def main() -> None:
             if r is None:
                 print(f"| {model} | failed: {err} |||||")
                 continue
-            print(f"| {r['label']} | {r['grad_s'] * 1e3:.1f} | {r['hvp_s'] * 1e3:.1f} | "
-                  f"{r['hvp_s'] / r['grad_s']:.2f} | {r['ggn_s'] * 1e3:.1f} | {r['ggn_s'] / r['grad_s']:.2f} | "
-                  f"{r['grad_mem']['temp']:.0f} | {r['hvp_mem']['temp']:.0f} | {r['ggn_mem']['temp']:.0f} | "
-                  f"{r['peak_rss_mib']:.0f} |")
-        print("\nTargets: HVP <= 2.5x and GGN-vector product <= 2.0x a gradient (GPT-2-sized). Temp: "
-              "XLA's temporary buffers of the compiled program (memory_analysis); peak RSS: the child "
-              "process's VmHWM.\n")
+            print(
+                f"| {r['label']} | {r['grad_s'] * 1e3:.1f} | {r['hvp_s'] * 1e3:.1f} | "
+                f"{r['hvp_s'] / r['grad_s']:.2f} | {r['ggn_s'] * 1e3:.1f} | {r['ggn_s'] / r['grad_s']:.2f} | "
+                f"{r['grad_mem']['temp']:.0f} | {r['hvp_mem']['temp']:.0f} | {r['ggn_mem']['temp']:.0f} | "
+                f"{r['peak_rss_mib']:.0f} |"
+            )
+        print(
+            "\nTargets: HVP <= 2.5x and GGN-vector product <= 2.0x a gradient (GPT-2-sized). Temp: "
+            "XLA's temporary buffers of the compiled program (memory_analysis); peak RSS: the child "
+            "process's VmHWM.\n"
+        )
 
     mlp_weights = None
     if "lanczos" in sections:
@@ -581,8 +635,10 @@ def main() -> None:
         if r is None:
             print(f"failed: {err}\n")
         else:
-            print(f"{r['label']}; converged top eigenvalue {r['converged']:.6f} "
-                  f"(Lanczos, 300 steps max, tol 1e-7); one HVP {r['hvp_s'] * 1e3:.1f} ms.\n")
+            print(
+                f"{r['label']}; converged top eigenvalue {r['converged']:.6f} "
+                f"(Lanczos, 300 steps max, tol 1e-7); one HVP {r['hvp_s'] * 1e3:.1f} ms.\n"
+            )
             print("| method | HVPs | top eigenvalue | rel. error | run s |")
             print("|---|---|---|---|---|")
             rows = [
@@ -594,16 +650,25 @@ def main() -> None:
             for name, row in rows:
                 err_rel = abs(row["value"] - r["converged"]) / abs(r["converged"])
                 hvps = row["hvps"] if row["hvps"] is not None else f"> {row.get('tried')}"
-                print(f"| {name} | {hvps} | {row['value']:.6f} | {err_rel:.1e} | {fmt(row['run_s'])} |")
-            print(f"\nLanczos defaults compile once: {r['lanczos_default']['compile_s']:.1f} s (not in run s). "
-                  "Power iteration runs a jitted HVP step in a Python loop.\n")
+                print(
+                    f"| {name} | {hvps} | {row['value']:.6f} | {err_rel:.1e} | {fmt(row['run_s'])} |"
+                )
+            print(
+                f"\nLanczos defaults compile once: {r['lanczos_default']['compile_s']:.1f} s (not in run s). "
+                "Power iteration runs a jitted HVP step in a Python loop.\n"
+            )
 
     if "pyhessian" in sections:
         print("## Side by side with PyHessian (same MLP and weights, fresh processes)\n")
         py = os.environ.get("PYHESSIAN_PYTHON") or (
-            "/work/venv-torch/bin/python" if Path("/work/venv-torch/bin/python").exists() else sys.executable)
+            "/work/venv-torch/bin/python"
+            if Path("/work/venv-torch/bin/python").exists()
+            else sys.executable
+        )
         try:
-            subprocess.run([py, "-c", "import torch, pyhessian"], check=True, capture_output=True, timeout=120)
+            subprocess.run(
+                [py, "-c", "import torch, pyhessian"], check=True, capture_output=True, timeout=120
+            )
             have = True
         except (subprocess.CalledProcessError, subprocess.TimeoutExpired, OSError):
             have = False
@@ -622,51 +687,71 @@ def main() -> None:
                 ph, ph_wall, ph_err = run_child(["pyhessian", q[0], path], timeout, python=py)
                 progress("jaxflat fresh process")
                 jf, jf_wall, jf_err = run_child(["jaxflat-mlp", *q], timeout)
-            print(f"{label}. Top eigenvalue: defaults of each (PyHessian: power iteration, "
-                  "100 iterations max, tol 1e-3; jaxflat: Lanczos, tol 1e-3). Trace: 100 Rademacher "
-                  "probes on both sides (PyHessian `trace(maxIter=100, tol=0)`). The second call uses "
-                  "the same `f` (jaxflat: another key). Process wall: the child process from start "
-                  "to exit (imports, model, first call).\n")
-            print("| | call | top eigenvalue | trace | eigenvalue s | trace s | top + trace s | process wall s |")
+            print(
+                f"{label}. Top eigenvalue: defaults of each (PyHessian: power iteration, "
+                "100 iterations max, tol 1e-3; jaxflat: Lanczos, tol 1e-3). Trace: 100 Rademacher "
+                "probes on both sides (PyHessian `trace(maxIter=100, tol=0)`). The second call uses "
+                "the same `f` (jaxflat: another key). Process wall: the child process from start "
+                "to exit (imports, model, first call).\n"
+            )
+            print(
+                "| | call | top eigenvalue | trace | eigenvalue s | trace s | top + trace s | process wall s |"
+            )
             print("|---|---|---|---|---|---|---|---|")
-            for name, r, wall, err in (("PyHessian", ph, ph_wall, ph_err), ("jaxflat", jf, jf_wall, jf_err)):
+            for name, r, wall, err in (
+                ("PyHessian", ph, ph_wall, ph_err),
+                ("jaxflat", jf, jf_wall, jf_err),
+            ):
                 if r is None:
                     print(f"| {name} | failed: {err} |||||||")
                     continue
                 for call in ("first", "second"):
                     c = r[call]
-                    print(f"| {name} | {call} | {c['top']:.6f} | {c['trace']:.2f} | {c['eig_s']:.2f} | "
-                          f"{c['trace_s']:.2f} | {c['eig_s'] + c['trace_s']:.2f} | "
-                          f"{wall:.1f} |" if call == "first" else
-                          f"| {name} | {call} | {c['top']:.6f} | {c['trace']:.2f} | {c['eig_s']:.2f} | "
-                          f"{c['trace_s']:.2f} | {c['eig_s'] + c['trace_s']:.2f} | |")
+                    print(
+                        f"| {name} | {call} | {c['top']:.6f} | {c['trace']:.2f} | {c['eig_s']:.2f} | "
+                        f"{c['trace_s']:.2f} | {c['eig_s'] + c['trace_s']:.2f} | "
+                        f"{wall:.1f} |"
+                        if call == "first"
+                        else f"| {name} | {call} | {c['top']:.6f} | {c['trace']:.2f} | {c['eig_s']:.2f} | "
+                        f"{c['trace_s']:.2f} | {c['eig_s'] + c['trace_s']:.2f} | |"
+                    )
             if ph is not None and jf is not None:
                 ph2 = ph["second"]["eig_s"] + ph["second"]["trace_s"]
                 jf2 = jf["second"]["eig_s"] + jf["second"]["trace_s"]
-                print(f"\nWarm (second call) jaxflat / PyHessian: {jf2 / ph2:.2f} (target <= 0.5); "
-                      f"fresh process: {jf_wall / ph_wall:.2f} (target <= 1). PyHessian's trace used "
-                      f"{ph['second']['trace_samples']} samples; torch {ph['torch']}, "
-                      f"{ph['threads']} threads.\n")
+                print(
+                    f"\nWarm (second call) jaxflat / PyHessian: {jf2 / ph2:.2f} (target <= 0.5); "
+                    f"fresh process: {jf_wall / ph_wall:.2f} (target <= 1). PyHessian's trace used "
+                    f"{ph['second']['trace_samples']} samples; torch {ph['torch']}, "
+                    f"{ph['threads']} threads.\n"
+                )
 
     if "jit" in sections:
         progress("jit")
         r, _, err = run_child(["jit", *q], timeout)
-        print("## Second eager call against the same call under jax.jit (MLP above, medians of 5)\n")
+        print(
+            "## Second eager call against the same call under jax.jit (MLP above, medians of 5)\n"
+        )
         if r is None:
             print(f"failed: {err}\n")
         else:
             print("| call | first eager s (compiles) | second eager s | jitted s | eager / jit |")
             print("|---|---|---|---|---|")
             for name, c in r.items():
-                print(f"| {name} | {c['first_s']:.2f} | {c['eager_s']:.3f} | {c['jit_s']:.3f} | "
-                      f"{c['eager_s'] / c['jit_s']:.2f} |")
-            print("\nTarget: eager / jit <= 1.2 (eigenvalues defaults; trace 100 probes; density "
-                  "iters=50).\n")
+                print(
+                    f"| {name} | {c['first_s']:.2f} | {c['eager_s']:.3f} | {c['jit_s']:.3f} | "
+                    f"{c['eager_s'] / c['jit_s']:.2f} |"
+                )
+            print(
+                "\nTarget: eager / jit <= 1.2 (eigenvalues defaults; trace 100 probes; density "
+                "iters=50).\n"
+            )
 
     if "blocks" in sections:
         progress("blocks")
         r, _, err = run_child(["blocks", *q], timeout)
-        print("## trace with 100 probes: probes per product (`block=`), MLP above, jitted, median of 3\n")
+        print(
+            "## trace with 100 probes: probes per product (`block=`), MLP above, jitted, median of 3\n"
+        )
         if r is None:
             print(f"failed: {err}\n")
         else:
@@ -678,48 +763,66 @@ def main() -> None:
             print("\nTarget: >= 3x over one probe at a time.\n")
 
     if "memory" in sections:
-        print("## eigenvalues(k=10) on ~1M parameters: bounded basis (defaults) against full "
-              "reorthogonalisation\n")
+        print(
+            "## eigenvalues(k=10) on ~1M parameters: bounded basis (defaults) against full "
+            "reorthogonalisation\n"
+        )
         rows = []
         for mode in ("default", "full"):
             progress(f"memory {mode}")
             r, wall, err = run_child(["memory", q[0], mode], timeout)
             rows.append((mode, r, err))
-        print("| run | params | products | converged | s | peak RSS MiB (after model) | top 10 eigenvalues |")
+        print(
+            "| run | params | products | converged | s | peak RSS MiB (after model) | top 10 eigenvalues |"
+        )
         print("|---|---|---|---|---|---|---|")
         for mode, r, err in rows:
             if r is None:
                 print(f"| {mode} | failed: {err} ||||||")
                 continue
             name = "defaults (basis 50)" if mode == "default" else "every vector kept (basis 310)"
-            print(f"| {name} | {r['params']:,} | {r['matvecs']} | {r['converged']} | {r['s']:.1f} | "
-                  f"{r['peak_rss_mib']:.0f} ({r['rss_before_mib']:.0f}) | "
-                  f"{', '.join(f'{v:.5f}' for v in r['vals'])} |")
+            print(
+                f"| {name} | {r['params']:,} | {r['matvecs']} | {r['converged']} | {r['s']:.1f} | "
+                f"{r['peak_rss_mib']:.0f} ({r['rss_before_mib']:.0f}) | "
+                f"{', '.join(f'{v:.5f}' for v in r['vals'])} |"
+            )
         if all(r is not None for _, r, _ in rows):
             import numpy as np
 
             a, b = (np.asarray(r["vals"]) for _, r, _ in rows)
-            print(f"\nLargest relative difference: {np.max(np.abs(a - b) / np.abs(b)):.1e} (target 1e-4); "
-                  f"target peak RSS <= 1024 MiB with the defaults.\n")
+            print(
+                f"\nLargest relative difference: {np.max(np.abs(a - b) / np.abs(b)):.1e} (target 1e-4); "
+                f"target peak RSS <= 1024 MiB with the defaults.\n"
+            )
 
     if "gpt2" in sections:
         progress("gpt2")
         r, _, err = run_child(["gpt2", *q], timeout)
-        print("## GPT-2-sized curvature (defaults: the basis shrinks to what 256 MiB holds, at least k + 2 blocks)\n")
+        print(
+            "## GPT-2-sized curvature (defaults: the basis shrinks to what 256 MiB holds, at least k + 2 blocks)\n"
+        )
         if r is None:
             print(f"failed: {err}\n")
         else:
-            print(f"{r['label']}; peak RSS after building it: {r['rss_after_build_mib']:.0f} MiB.\n")
+            print(
+                f"{r['label']}; peak RSS after building it: {r['rss_after_build_mib']:.0f} MiB.\n"
+            )
             print("| call | HVPs | result | compile s | run s | s per HVP | peak RSS MiB |")
             print("|---|---|---|---|---|---|---|")
             e, d = r["eigenvalues"], r["density"]
-            print(f"| eigenvalues(iters=30) | {e['hvps']} | top {e['top']:.5g} | "
-                  f"{e['compile_s']:.1f} | {e['run_s']:.1f} | {e['per_hvp_s']:.2f} | {e['peak_rss_mib']:.0f} |")
-            print(f"| density(iters=30) | {d['hvps']} | support "
-                  f"[{d['support'][0]:.3g}, {d['support'][1]:.3g}] | {d['compile_s']:.1f} | "
-                  f"{d['run_s']:.1f} | {d['per_hvp_s']:.2f} | {d['peak_rss_mib']:.0f} |")
-            print("\nTarget: within 8 GiB peak RSS. A basis of 3 vectors (k + 2 blocks): eigenvalues "
-                  "restarts often; density runs the plain recurrence (no vectors kept).\n")
+            print(
+                f"| eigenvalues(iters=30) | {e['hvps']} | top {e['top']:.5g} | "
+                f"{e['compile_s']:.1f} | {e['run_s']:.1f} | {e['per_hvp_s']:.2f} | {e['peak_rss_mib']:.0f} |"
+            )
+            print(
+                f"| density(iters=30) | {d['hvps']} | support "
+                f"[{d['support'][0]:.3g}, {d['support'][1]:.3g}] | {d['compile_s']:.1f} | "
+                f"{d['run_s']:.1f} | {d['per_hvp_s']:.2f} | {d['peak_rss_mib']:.0f} |"
+            )
+            print(
+                "\nTarget: within 8 GiB peak RSS. A basis of 3 vectors (k + 2 blocks): eigenvalues "
+                "restarts often; density runs the plain recurrence (no vectors kept).\n"
+            )
 
     load1 = os.getloadavg()
     print(f"Load average at the end: {load1[0]:.1f} (1 min), {load1[1]:.1f} (5 min).")

@@ -257,7 +257,11 @@ def machine_info() -> dict[str, Any]:
     cpu = platform.processor() or platform.machine()
     with contextlib.suppress(OSError):
         cpu = next(
-            (s.split(":", 1)[1].strip() for s in open("/proc/cpuinfo") if s.startswith("model name")),
+            (
+                s.split(":", 1)[1].strip()
+                for s in open("/proc/cpuinfo")
+                if s.startswith("model name")
+            ),
             cpu,
         )
     versions = {"python": platform.python_version()}

@@ -31,7 +31,10 @@ def make_tree(tag):
         "tag": tag,
         "name": f"save-{tag}",
         "layers": [
-            {"w": jnp.full((32, 32), tag, jnp.float32), "b": np.full(8 + (tag // 2) % 5, tag, np.float64)}
+            {
+                "w": jnp.full((32, 32), tag, jnp.float32),
+                "b": np.full(8 + (tag // 2) % 5, tag, np.float64),
+            }
             for _ in range(n)
         ],
         "count": jnp.full((4,), tag, jnp.int32),

@@ -299,11 +299,15 @@ def apply(mode: Callable[[Any], Any], f: Callable[..., Any], *trees: Any) -> Any
 
     def traced(arrays: list[jax.Array]) -> list[jax.Array]:
         it = iter(arrays)
-        args = treedef.unflatten([next(it) if d else x for x, d in zip(leaves, dynamic, strict=True)])
+        args = treedef.unflatten(
+            [next(it) if d else x for x, d in zip(leaves, dynamic, strict=True)]
+        )
         out = f(*args)
         oleaves, otreedef = jtu.tree_flatten(out)
         odyn = [isinstance(x, jax.Array) for x in oleaves]
-        static_out.append((otreedef, odyn, [None if d else x for x, d in zip(oleaves, odyn, strict=True)]))
+        static_out.append(
+            (otreedef, odyn, [None if d else x for x, d in zip(oleaves, odyn, strict=True)])
+        )
         return [x for x, d in zip(oleaves, odyn, strict=True) if d]
 
     arrays_out = mode(traced)([x for x, d in zip(leaves, dynamic, strict=True) if d])

@@ -508,7 +508,9 @@ def test_overwrite_refuses_a_folder_that_is_not_a_checkpoint(tmp_path):
     path = tmp_path / "results"
     path.mkdir()
     (path / "notes.txt").write_text("keep me")
-    with pytest.raises(FileExistsError, match=esc(path) + r".*not a jaxflat checkpoint \(it holds notes.txt\)"):
+    with pytest.raises(
+        FileExistsError, match=esc(path) + r".*not a jaxflat checkpoint \(it holds notes.txt\)"
+    ):
         jaxflat.save(path, {"w": jnp.ones(2)}, overwrite=True)
     assert (path / "notes.txt").read_text() == "keep me"
     assert _listing(tmp_path) == ["results", "results/notes.txt"]
@@ -547,7 +549,12 @@ def test_save_removes_what_killed_saves_left(tmp_path):
     (path / ".jaxflat.json.tmp-abc").write_text("{")  # killed while writing the pointer
     np.testing.assert_array_equal(jaxflat.load(path)["w"], np.ones(2))
     jaxflat.save(path, {"w": jnp.zeros(2)}, overwrite=True)
-    assert _listing(tmp_path) == ["ckpt", "ckpt/.jaxflat.lock", *_listing_of_version(path), "ckpt/jaxflat.json"]
+    assert _listing(tmp_path) == [
+        "ckpt",
+        "ckpt/.jaxflat.lock",
+        *_listing_of_version(path),
+        "ckpt/jaxflat.json",
+    ]
 
 
 def _listing_of_version(path):
@@ -634,7 +641,9 @@ def test_disk_full_writing_the_json_is_a_plain_error_and_cleans_up(tmp_path, mon
     _assert_old_checkpoint_only(tmp_path)
 
 
-@pytest.mark.parametrize("exc", [RuntimeError("boom"), KeyboardInterrupt()], ids=["error", "ctrl-c"])
+@pytest.mark.parametrize(
+    "exc", [RuntimeError("boom"), KeyboardInterrupt()], ids=["error", "ctrl-c"]
+)
 def test_any_failed_save_cleans_up(tmp_path, monkeypatch, exc):
     path = tmp_path / "ckpt"
     jaxflat.save(path, {"w": jnp.ones(2)})
@@ -682,7 +691,9 @@ def test_round_trip_only_zero_size_arrays(tmp_path):
 def test_zero_size_array_takes_like_sharding(tmp_path):
     dev = jax.devices()[3]
     jaxflat.save(tmp_path / "ckpt", {"e": jnp.zeros((0, 2))})
-    out = jaxflat.load(tmp_path / "ckpt", like={"e": jax.device_put(jnp.zeros((0, 2), jnp.bfloat16), dev)})
+    out = jaxflat.load(
+        tmp_path / "ckpt", like={"e": jax.device_put(jnp.zeros((0, 2), jnp.bfloat16), dev)}
+    )
     assert out["e"].devices() == {dev} and out["e"].dtype == jnp.bfloat16
 
 
@@ -697,7 +708,10 @@ def test_zero_size_array_takes_like_sharding(tmp_path):
     ids=["object", "structured", "str", "datetime"],
 )
 def test_unstorable_numpy_arrays_are_a_type_error_naming_the_key_path(tmp_path, x, what):
-    with pytest.raises(TypeError, match=esc("save: ['layers'][1]['x']: cannot store a numpy array of dtype " + what)):
+    with pytest.raises(
+        TypeError,
+        match=esc("save: ['layers'][1]['x']: cannot store a numpy array of dtype " + what),
+    ):
         jaxflat.save(tmp_path / "ckpt", {"layers": [{}, {"x": x, "w": jnp.ones(2)}]})
     assert list(tmp_path.iterdir()) == []
 
@@ -770,18 +784,55 @@ MALFORMED = {
         "dict node with 3 keys and 2 values",
     ),
     "values_not_a_list": (_set(lambda m: m["tree"], "v", {"a": 1}), "without a list of values"),
-    "bad_key_type": (_set(lambda m: m["tree"], "k", [["float", 1.5], ["str", "w"]]), "bad dict key"),
-    "int_key_as_bool": (_set(lambda m: m["tree"], "k", [["int", True], ["str", "w"]]), "bad dict key"),
-    "repeated_keys": (_set(lambda m: m["tree"], "k", [["str", "w"], ["str", "w"]]), "repeated keys"),
-    "node_without_type": (_set(lambda m: m["tree"]["v"][0], "t", None), r"a node without a type at \['b'\]"),
-    "unknown_node_type": (_set(lambda m: m["tree"], "t", "frobnicator"), "unknown node type 'frobnicator'"),
-    "node_not_an_object": (lambda m: m["tree"]["v"].__setitem__(0, 3), r"without a type at \['b'\]"),
-    "int_value_string": (lambda m: m["tree"]["v"].append({"t": "int", "v": "7"}) or m["tree"]["k"].append(["str", "z"]), "bad int value '7'"),
-    "int_value_bool": (lambda m: m["tree"]["v"].append({"t": "int", "v": True}) or m["tree"]["k"].append(["str", "z"]), "bad int value True"),
-    "float_value_junk": (lambda m: m["tree"]["v"].append({"t": "float", "v": "1e5x"}) or m["tree"]["k"].append(["str", "z"]), "bad float value"),
+    "bad_key_type": (
+        _set(lambda m: m["tree"], "k", [["float", 1.5], ["str", "w"]]),
+        "bad dict key",
+    ),
+    "int_key_as_bool": (
+        _set(lambda m: m["tree"], "k", [["int", True], ["str", "w"]]),
+        "bad dict key",
+    ),
+    "repeated_keys": (
+        _set(lambda m: m["tree"], "k", [["str", "w"], ["str", "w"]]),
+        "repeated keys",
+    ),
+    "node_without_type": (
+        _set(lambda m: m["tree"]["v"][0], "t", None),
+        r"a node without a type at \['b'\]",
+    ),
+    "unknown_node_type": (
+        _set(lambda m: m["tree"], "t", "frobnicator"),
+        "unknown node type 'frobnicator'",
+    ),
+    "node_not_an_object": (
+        lambda m: m["tree"]["v"].__setitem__(0, 3),
+        r"without a type at \['b'\]",
+    ),
+    "int_value_string": (
+        lambda m: (
+            m["tree"]["v"].append({"t": "int", "v": "7"}) or m["tree"]["k"].append(["str", "z"])
+        ),
+        "bad int value '7'",
+    ),
+    "int_value_bool": (
+        lambda m: (
+            m["tree"]["v"].append({"t": "int", "v": True}) or m["tree"]["k"].append(["str", "z"])
+        ),
+        "bad int value True",
+    ),
+    "float_value_junk": (
+        lambda m: (
+            m["tree"]["v"].append({"t": "float", "v": "1e5x"})
+            or m["tree"]["k"].append(["str", "z"])
+        ),
+        "bad float value",
+    ),
     "negative_shape": (_set(_entry0, "shape", [-3]), "shape .* is not a list of non-negative ints"),
     "float_shape": (_set(_entry0, "shape", [3.0]), "shape .* is not a list of non-negative ints"),
-    "bool_shape": (_set(_entry0, "stored_shape", [True]), "stored_shape .* is not a list of non-negative ints"),
+    "bool_shape": (
+        _set(_entry0, "stored_shape", [True]),
+        "stored_shape .* is not a list of non-negative ints",
+    ),
     "shape_not_a_list": (_set(_entry0, "shape", 3), "shape 3 is not a list"),
     "stored_shape_differs": (_set(_entry0, "stored_shape", [4]), r"stored as \(4,\)"),
     "object_dtype": (_set(_entry0, "dtype", "object"), "dtype 'object' is not a numeric dtype"),
@@ -791,7 +842,10 @@ MALFORMED = {
         lambda m: _entry0(m).update(kind="key", impl="nope", dtype="key"),
         "unknown PRNG implementation 'nope'",
     ),
-    "entry_not_an_object": (lambda m: m["arrays"].__setitem__(0, [1]), "array entry 0 is not an object"),
+    "entry_not_an_object": (
+        lambda m: m["arrays"].__setitem__(0, [1]),
+        "array entry 0 is not an object",
+    ),
     "arrays_not_a_list": (lambda m: m.__setitem__("arrays", {}), "no list of arrays"),
     "no_tree": (lambda m: m.pop("tree"), "no tree"),
 }

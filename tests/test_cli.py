@@ -25,7 +25,9 @@ def test_demo_runs_the_walkthrough():
     assert "all zero: True" in text
     assert "symmetric: True" in text
     assert "same parameters: True" in text
-    grads = [line for line in text.splitlines() if line.startswith(("destructure(nested)", "jax.grad"))]
+    grads = [
+        line for line in text.splitlines() if line.startswith(("destructure(nested)", "jax.grad"))
+    ]
     assert len(grads) == 2 and grads[0].split(":")[1].strip() == grads[1].split(":")[1].strip()
     assert "['Sequential', 'List', 'Sequential', 'List', 'Linear', 'BatchNorm', 'Linear']" in text
 
@@ -68,9 +70,33 @@ def _corrupt(path, text):
 @pytest.mark.parametrize(
     "text, message",
     [
-        ('{"format": "jaxflat-checkpoint/2", "arrays": [], "tree": ' + '{"t": "list", "v": [' * 50000 + "]}" * 50000 + "}", "nested too deeply"),
+        (
+            '{"format": "jaxflat-checkpoint/2", "arrays": [], "tree": '
+            + '{"t": "list", "v": [' * 50000
+            + "]}" * 50000
+            + "}",
+            "nested too deeply",
+        ),
         (_dumps({"arrays": [], "tree": {"t": "array", "i": -1}}), "array index -1 out of range"),
-        (_dumps({"arrays": [{"path": "x", "key": ["x"], "kind": "jax", "shape": [-1], "stored_shape": [-1], "dtype": "float32", "stored_dtype": "float32"}], "tree": {"t": "none"}}), "not a list of non-negative ints"),
+        (
+            _dumps(
+                {
+                    "arrays": [
+                        {
+                            "path": "x",
+                            "key": ["x"],
+                            "kind": "jax",
+                            "shape": [-1],
+                            "stored_shape": [-1],
+                            "dtype": "float32",
+                            "stored_dtype": "float32",
+                        }
+                    ],
+                    "tree": {"t": "none"},
+                }
+            ),
+            "not a list of non-negative ints",
+        ),
         ("{not json", "not valid JSON"),
     ],
     ids=["deep", "index", "shape", "garbage"],
@@ -86,10 +112,18 @@ def test_inspect_malformed_json_prints_one_line(tmp_path, capsys, text, message)
 
 
 def test_inspect_malformed_json_from_the_shell(tmp_path):
-    _corrupt(tmp_path / "c", '{"format": "jaxflat-checkpoint/2", "arrays": [], "tree": ' + "[" * 100000 + "]" * 100000 + "}")
+    _corrupt(
+        tmp_path / "c",
+        '{"format": "jaxflat-checkpoint/2", "arrays": [], "tree": '
+        + "[" * 100000
+        + "]" * 100000
+        + "}",
+    )
     out = subprocess.run(
         [sys.executable, "-m", "jaxflat", "inspect", str(tmp_path / "c")],
-        capture_output=True, text=True, timeout=120,
+        capture_output=True,
+        text=True,
+        timeout=120,
     )
     assert out.returncode == 1
     assert out.stderr.count("\n") == 1 and out.stderr.startswith("error: "), out.stderr[-2000:]
@@ -115,7 +149,10 @@ def manager_folder(tmp_path):
     options = ocp.CheckpointManagerOptions(max_to_keep=2)
     with ocp.CheckpointManager(tmp_path / "mgr", options=options) as mngr:
         for i in range(3):
-            tree = {"params": {"w": jnp.full((3, 4), i, jnp.float32), "b": np.zeros(4, np.float16)}, "step": i}
+            tree = {
+                "params": {"w": jnp.full((3, 4), i, jnp.float32), "b": np.zeros(4, np.float16)},
+                "step": i,
+            }
             mngr.save(i, args=ocp.args.StandardSave(tree))
         mngr.wait_until_finished()
     return tmp_path / "mgr"
@@ -133,8 +170,13 @@ def no_array_reads(monkeypatch):
 
     def values_only(self, directory, *args, **kwargs):  # Python scalars and strings may be read
         leaves = jax.tree.leaves(kwargs["args"].item)
-        if any(isinstance(x, om.ArrayMetadata) and not isinstance(x, om.ScalarMetadata) or hasattr(x, "sharding")
-               and not isinstance(x, om.ScalarMetadata) for x in leaves):
+        if any(
+            isinstance(x, om.ArrayMetadata)
+            and not isinstance(x, om.ScalarMetadata)
+            or hasattr(x, "sharding")
+            and not isinstance(x, om.ScalarMetadata)
+            for x in leaves
+        ):
             refuse()
         return real(self, directory, *args, **kwargs)
 
@@ -147,8 +189,14 @@ def _rows(out):
 
 
 @pytest.mark.parametrize("where", ["step", "item", "manager"])
-def test_inspect_reads_orbax_checkpoint_manager_folders(manager_folder, capsys, no_array_reads, where):
-    path = {"step": manager_folder / "2", "item": manager_folder / "2" / "default", "manager": manager_folder}[where]
+def test_inspect_reads_orbax_checkpoint_manager_folders(
+    manager_folder, capsys, no_array_reads, where
+):
+    path = {
+        "step": manager_folder / "2",
+        "item": manager_folder / "2" / "default",
+        "manager": manager_folder,
+    }[where]
     assert main(["inspect", str(path)]) == 0
     out = capsys.readouterr().out
     assert "(Orbax): 2 arrays, 1 other values" in out
@@ -246,7 +294,9 @@ def test_inspect_shows_non_array_values_of_a_jaxflat_checkpoint(tmp_path, capsys
     assert main(["inspect", str(tmp_path / "c")]) == 0
     out = capsys.readouterr().out
     assert "1 arrays, 3 other values" in out
-    assert "  ['step'] = 7" in out and "  ['name'] = 'run'" in out and "  ['opt']['lr'] = 0.5" in out
+    assert (
+        "  ['step'] = 7" in out and "  ['name'] = 'run'" in out and "  ['opt']['lr'] = 0.5" in out
+    )
     assert main(["inspect", str(tmp_path / "c"), "--item", "opt"]) == 0
     out = capsys.readouterr().out
     assert "0 arrays, 1 other values" in out and "  ['lr'] = 0.5" in out
@@ -266,8 +316,12 @@ def test_inspect_composite_json_item(tmp_path, capsys):
     import orbax.checkpoint as ocp
 
     with ocp.CheckpointManager(tmp_path / "m") as mngr:
-        mngr.save(3, args=ocp.args.Composite(
-            state=ocp.args.StandardSave({"w": jnp.ones(2)}), meta=ocp.args.JsonSave({"lr": 0.1})))
+        mngr.save(
+            3,
+            args=ocp.args.Composite(
+                state=ocp.args.StandardSave({"w": jnp.ones(2)}), meta=ocp.args.JsonSave({"lr": 0.1})
+            ),
+        )
         mngr.wait_until_finished()
     assert main(["inspect", str(tmp_path / "m"), "--item", "meta"]) == 0
     assert "  ['lr'] = 0.1" in capsys.readouterr().out
@@ -285,9 +339,14 @@ def test_inspect_odd_paths_give_one_clean_line(where, capsys):
 
 def test_demo_help_has_a_description():
     out = subprocess.run(
-        [sys.executable, "-m", "jaxflat", "demo", "--help"], capture_output=True, text=True, timeout=120
+        [sys.executable, "-m", "jaxflat", "demo", "--help"],
+        capture_output=True,
+        text=True,
+        timeout=120,
     )
-    assert out.returncode == 0 and "walk-through on a small Flax NNX model" in out.stdout.replace("\n", " ")
+    assert out.returncode == 0 and "walk-through on a small Flax NNX model" in out.stdout.replace(
+        "\n", " "
+    )
 
 
 def test_verify_of_a_plain_orbax_checkpoint_says_it_has_no_hashes(manager_folder, capsys):

@@ -57,7 +57,9 @@ class Proc:
         try:
             self.proc.wait(timeout=max(0.1, deadline - time.monotonic()))
         except subprocess.TimeoutExpired:
-            raise AssertionError(f"{self.proc.args[2:4]} did not exit in time\n{self.log()}") from None
+            raise AssertionError(
+                f"{self.proc.args[2:4]} did not exit in time\n{self.log()}"
+            ) from None
         for t in self.threads:
             t.join(timeout=10)
         assert self.proc.returncode == 0, f"exit {self.proc.returncode}\n{self.log()}"

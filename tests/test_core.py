@@ -156,7 +156,10 @@ def test_a_process_exits_promptly_after_many_structures():
         """
     )
     out = subprocess.run(
-        [sys.executable, "-c", code], capture_output=True, text=True, timeout=600,
+        [sys.executable, "-c", code],
+        capture_output=True,
+        text=True,
+        timeout=600,
         env={**__import__("os").environ, "JAX_PLATFORMS": "cpu", "XLA_FLAGS": ""},
     )
     assert out.returncode == 0, out.stderr[-2000:]
@@ -194,7 +197,9 @@ def test_loadmodel_with_swapped_arguments_suggests_the_swap():
 def test_re_of_a_model_is_a_short_error():
     model = nnx.Sequential(*[nnx.Linear(8, 8, rngs=nnx.Rngs(i)) for i in range(4)])
     flat, re_ = jaxflat.destructure(model)
-    with pytest.raises(ValueError, match=r"expected a flat vector of shape \(288,\), got a Sequential") as e:
+    with pytest.raises(
+        ValueError, match=r"expected a flat vector of shape \(288,\), got a Sequential"
+    ) as e:
         re_(model)
     assert len(str(e.value)) < 200
     with pytest.raises(ValueError, match=r"vmap"):
@@ -261,8 +266,11 @@ def test_a_jitted_step_returning_a_new_re_compiles_once():
     opt_state = opt.init(v)
     traces, compiles, listening = [], [], [True]
     jax.monitoring.register_event_duration_secs_listener(
-        lambda event, secs, fun_name="", **kw: compiles.append(fun_name)
-        if listening and event == "/jax/core/compile/backend_compile_duration" else None
+        lambda event, secs, fun_name="", **kw: (
+            compiles.append(fun_name)
+            if listening and event == "/jax/core/compile/backend_compile_duration"
+            else None
+        )
     )
 
     @jax.jit

@@ -26,8 +26,10 @@ def mlp_parts(seed=0, n_samples=24):
     """A 4-6-3 tanh MLP (51 parameters) as model and loss, random data, a random point."""
     keys = jax.random.split(jax.random.key(seed), 4)
     params = {
-        "w1": jax.random.normal(keys[0], (4, 6)) / 2, "b1": jnp.zeros(6),
-        "w2": jax.random.normal(keys[1], (6, 3)) / 2, "b2": jnp.full(3, 0.1),
+        "w1": jax.random.normal(keys[0], (4, 6)) / 2,
+        "b1": jnp.zeros(6),
+        "w2": jax.random.normal(keys[1], (6, 3)) / 2,
+        "b2": jnp.full(3, 0.1),
     }
     flat, unravel = ravel_pytree(params)
     xs = jax.random.normal(keys[2], (n_samples, 4))
@@ -115,15 +117,20 @@ def test_short_last_batch_equals_the_full_batch(problem, gauss_newton):
     flat, f, loss, batch, h, _ = problem
     batches = split(batch, [10, 10, 4])  # the last batch counts for 4 examples, not 8
     v = jax.random.normal(jax.random.key(2), flat.shape)
-    np.testing.assert_allclose(curvature.hvp(loss, flat, v, data=batches), h @ np.asarray(v),
-                               rtol=1e-4, atol=1e-5)
+    np.testing.assert_allclose(
+        curvature.hvp(loss, flat, v, data=batches), h @ np.asarray(v), rtol=1e-4, atol=1e-5
+    )
     # same key, same probes: the streamed operator is the full-batch one
-    np.testing.assert_allclose(curvature.trace(loss, flat, key=KEY, samples=20, data=batches),
-                               curvature.trace(f, flat, key=KEY, samples=20), rtol=1e-4)
+    np.testing.assert_allclose(
+        curvature.trace(loss, flat, key=KEY, samples=20, data=batches),
+        curvature.trace(f, flat, key=KEY, samples=20),
+        rtol=1e-4,
+    )
     *_, model, xent, _, g = gauss_newton
     op = curvature.ggn(model, xent)  # model(x, batch), xent(out, batch)
-    np.testing.assert_allclose(curvature.hvp(op, flat, v, data=batches), g @ np.asarray(v),
-                               rtol=1e-4, atol=1e-5)
+    np.testing.assert_allclose(
+        curvature.hvp(op, flat, v, data=batches), g @ np.asarray(v), rtol=1e-4, atol=1e-5
+    )
 
 
 def test_stacked_data_is_scanned_and_is_the_mean(problem, mode):
@@ -200,8 +207,10 @@ def test_eigenvalues_match_dense_eigh(problem, which):
     vals, vecs, inf = curvature.eigenvalues(f, flat, key=KEY, k=3, which=which, tol=1e-6, info=True)
     assert vals.shape == (3,) and vecs.shape == (3, flat.size)
     want = {
-        "LA": evals[::-1][:3], "SA": evals[:3][::-1],
-        "LM": evals[np.argsort(-np.abs(evals))][:3], "BE": np.r_[evals[::-1][:2], evals[:1]],
+        "LA": evals[::-1][:3],
+        "SA": evals[:3][::-1],
+        "LM": evals[np.argsort(-np.abs(evals))][:3],
+        "BE": np.r_[evals[::-1][:2], evals[:1]],
     }[which]
     want = np.sort(want)[::-1]
     scale = np.abs(evals).max()
@@ -211,13 +220,17 @@ def test_eigenvalues_match_dense_eigh(problem, which):
     np.testing.assert_allclose(np.linalg.norm(vecs, axis=1), 1, rtol=1e-5)
     residuals = np.linalg.norm(vecs @ h - vals[:, None] * vecs, axis=1)
     assert bool(inf.converged) and np.all(residuals <= 1e-2 * scale), residuals
-    np.testing.assert_allclose(inf.residuals, residuals, atol=2e-3 * scale)  # the estimate is honest
+    np.testing.assert_allclose(
+        inf.residuals, residuals, atol=2e-3 * scale
+    )  # the estimate is honest
 
 
 def test_repeated_eigenvalues_come_back_repeated():
     h = rotated([5.0, 5.0, 5.0, 2.0, 1.0, 0.5, -0.3, -1.0, 0.1, 0.2, 3.0, -2.0])
     for tol in (1e-3, 0.0):
-        vals, vecs = curvature.eigenvalues(quadratic(h.astype(np.float32)), jnp.zeros(12), key=KEY, k=3, tol=tol)
+        vals, vecs = curvature.eigenvalues(
+            quadratic(h.astype(np.float32)), jnp.zeros(12), key=KEY, k=3, tol=tol
+        )
         np.testing.assert_allclose(vals, [5.0, 5.0, 5.0], rtol=1e-4)
         np.testing.assert_allclose(vecs @ vecs.T, np.eye(3), atol=1e-4)  # three directions
 
@@ -225,7 +238,9 @@ def test_repeated_eigenvalues_come_back_repeated():
 @pytest.mark.parametrize("basis", [None, 9], ids=["default", "smallest"])
 def test_no_spurious_eigenvalues_on_an_indefinite_matrix(basis):
     h = rotated([5.0, 4.0, 2.0, 1.0, -0.5, -2.0, -3.0, 0.7], seed=3).astype(np.float32)
-    vals, _, inf = curvature.eigenvalues(quadratic(h), jnp.zeros(8), key=KEY, k=3, basis=basis, info=True)
+    vals, _, inf = curvature.eigenvalues(
+        quadratic(h), jnp.zeros(8), key=KEY, k=3, basis=basis, info=True
+    )
     np.testing.assert_allclose(vals, [5.0, 4.0, 2.0], atol=1e-4)
     assert bool(inf.converged)
 
@@ -244,9 +259,13 @@ def test_restarted_basis_equals_full_reorthogonalisation():
     with jax.enable_x64(True):
         f = quadratic(rotated(eigs, seed=5))
         x = jnp.zeros(40, jnp.float64)
-        small, _, inf = curvature.eigenvalues(f, x, key=KEY, k=3, tol=1e-12, basis=9, iters=200, info=True)
+        small, _, inf = curvature.eigenvalues(
+            f, x, key=KEY, k=3, tol=1e-12, basis=9, iters=200, info=True
+        )
         full, _ = curvature.eigenvalues(f, x, key=KEY, k=3, tol=1e-12, basis=200)
-        assert small.dtype == jnp.float64 and bool(inf.converged) and int(inf.matvecs) > 9  # restarted
+        assert (
+            small.dtype == jnp.float64 and bool(inf.converged) and int(inf.matvecs) > 9
+        )  # restarted
     np.testing.assert_allclose(full, eigs[:3], rtol=1e-10)
     np.testing.assert_allclose(small, eigs[:3], rtol=1e-8)
 
@@ -272,7 +291,9 @@ def test_default_basis_shrinks_to_the_byte_budget(monkeypatch):
 def test_invariant_subspace_restarts(f, want):
     vals, vecs = curvature.eigenvalues(f, jnp.zeros(6), key=KEY, k=3)
     np.testing.assert_allclose(vals, want, atol=1e-4 * want[0])
-    np.testing.assert_allclose(vecs @ vecs.T, np.eye(3), atol=1e-4)  # orthonormal despite the restarts
+    np.testing.assert_allclose(
+        vecs @ vecs.T, np.eye(3), atol=1e-4
+    )  # orthonormal despite the restarts
 
 
 def test_k_equal_to_size_gives_the_whole_spectrum():
@@ -357,7 +378,9 @@ def test_density_puts_mass_where_the_eigenvalues_are():
 
 def test_density_numpy_sigma_no_reorth_and_a_zero_hessian(problem):
     flat, f, *_ = problem
-    grid, dens = curvature.density(f, flat, key=KEY, iters=30, sigma=np.float32(0.01), reorth=False, points=300)
+    grid, dens = curvature.density(
+        f, flat, key=KEY, iters=30, sigma=np.float32(0.01), reorth=False, points=300
+    )
     np.testing.assert_allclose(jnp.trapezoid(dens, grid), 1.0, rtol=1e-5)
     assert np.all(np.asarray(dens) >= 0)
     np.testing.assert_allclose(grid[1] - grid[0], (grid[-1] - grid[0]) / 299, rtol=1e-4)
@@ -424,7 +447,9 @@ def test_under_jit_one_compile_and_same_key_same_result(problem):
     tr = jax.jit(lambda x, key: curvature.trace(f, x, key=key, samples=10))
     t = [tr(flat, k) for k in (KEY, KEY, jax.random.key(9))]
     assert t[0] == t[1] and t[0] != t[2]
-    np.testing.assert_allclose(t[0], curvature.trace(f, flat, key=KEY, samples=10), rtol=1e-5)  # eager
+    np.testing.assert_allclose(
+        t[0], curvature.trace(f, flat, key=KEY, samples=10), rtol=1e-5
+    )  # eager
 
     dens = jax.jit(lambda x, key: curvature.density(f, x, key=key, iters=10))
     (g1, d1), (_, d2) = dens(flat, KEY), dens(flat, KEY)
@@ -435,7 +460,9 @@ def test_under_jit_one_compile_and_same_key_same_result(problem):
 def test_streamed_list_under_jit_is_traced_into_the_program(problem):
     flat, f, loss, batch, h, evals = problem
     batches = split(batch, [10, 10, 4])
-    vals = jax.jit(lambda x: curvature.eigenvalues(loss, x, key=KEY, k=1, tol=1e-6, data=batches)[0])(flat)
+    vals = jax.jit(
+        lambda x: curvature.eigenvalues(loss, x, key=KEY, k=1, tol=1e-6, data=batches)[0]
+    )(flat)
     np.testing.assert_allclose(vals, evals[-1:], rtol=1e-4)
 
 
@@ -480,7 +507,9 @@ def test_sharded_equals_single_device(single_device, kind):
     np.testing.assert_allclose(got["eig"][0], want["eig"][0], rtol=1e-5)
     vecs, want_vecs = np.asarray(got["eig"][1]), np.asarray(want["eig"][1])
     signs = np.sign(np.sum(vecs * want_vecs, axis=1, keepdims=True))
-    np.testing.assert_allclose(signs * vecs, want_vecs, atol=1e-3)  # vectors: sqrt(eigenvalue error)
+    np.testing.assert_allclose(
+        signs * vecs, want_vecs, atol=1e-3
+    )  # vectors: sqrt(eigenvalue error)
     np.testing.assert_allclose(got["trace"], want["trace"], rtol=1e-5)
     np.testing.assert_allclose(got["diag"], want["diag"], rtol=1e-5, atol=1e-6)
     (grid, dens), (want_grid, want_dens) = got["density"], want["density"]
@@ -517,44 +546,130 @@ Z4 = jnp.zeros(4)
 @pytest.mark.parametrize(
     "call, error, match",
     [
-        (lambda f: curvature.eigenvalues(f, Z4, key=KEY, k=5), ValueError, r"k=5 exceeds the 4 parameters"),
-        (lambda f: curvature.eigenvalues(f, Z4, key=KEY, k=0), ValueError, r"k must be an integer >= 1, got 0"),
-        (lambda f: curvature.eigenvalues(f, Z4, key=KEY, iters=0), ValueError, r"iters must be an integer >= 1"),
-        (lambda f: curvature.eigenvalues(f, Z4, key=KEY, tol=-1.0), ValueError, r"tol must be a number >= 0"),
-        (lambda f: curvature.eigenvalues(f, Z4, key=KEY, tol="a"), TypeError,
-         r"tol must be a number >= 0, got 'a' \(str\)"),
-        (lambda f: curvature.eigenvalues(f, Z4, key=KEY, which="XX"), ValueError,
-         r"which must be one of \('LA', 'SA', 'LM', 'BE'\), got 'XX'"),
-        (lambda f: curvature.eigenvalues(f, Z4, key=KEY, k=2, basis=5), ValueError,
-         r"basis must be an integer >= 6, got 5"),
-        (lambda f: curvature.eigenvalues(f, Z4, key=0), TypeError,
-         r"key must be one jax.random key, e.g. jax.random.key\(0\), got 0"),
-        (lambda f: curvature.trace(f, Z4, key=jax.random.split(KEY, 2)), TypeError, r"key must be one jax.random key"),
-        (lambda f: curvature.eigenvalues(f, jnp.zeros((2, 2)), key=KEY), ValueError,
-         r"x must be a flat \(1-D\) vector, got shape \(2, 2\)"),
+        (
+            lambda f: curvature.eigenvalues(f, Z4, key=KEY, k=5),
+            ValueError,
+            r"k=5 exceeds the 4 parameters",
+        ),
+        (
+            lambda f: curvature.eigenvalues(f, Z4, key=KEY, k=0),
+            ValueError,
+            r"k must be an integer >= 1, got 0",
+        ),
+        (
+            lambda f: curvature.eigenvalues(f, Z4, key=KEY, iters=0),
+            ValueError,
+            r"iters must be an integer >= 1",
+        ),
+        (
+            lambda f: curvature.eigenvalues(f, Z4, key=KEY, tol=-1.0),
+            ValueError,
+            r"tol must be a number >= 0",
+        ),
+        (
+            lambda f: curvature.eigenvalues(f, Z4, key=KEY, tol="a"),
+            TypeError,
+            r"tol must be a number >= 0, got 'a' \(str\)",
+        ),
+        (
+            lambda f: curvature.eigenvalues(f, Z4, key=KEY, which="XX"),
+            ValueError,
+            r"which must be one of \('LA', 'SA', 'LM', 'BE'\), got 'XX'",
+        ),
+        (
+            lambda f: curvature.eigenvalues(f, Z4, key=KEY, k=2, basis=5),
+            ValueError,
+            r"basis must be an integer >= 6, got 5",
+        ),
+        (
+            lambda f: curvature.eigenvalues(f, Z4, key=0),
+            TypeError,
+            r"key must be one jax.random key, e.g. jax.random.key\(0\), got 0",
+        ),
+        (
+            lambda f: curvature.trace(f, Z4, key=jax.random.split(KEY, 2)),
+            TypeError,
+            r"key must be one jax.random key",
+        ),
+        (
+            lambda f: curvature.eigenvalues(f, jnp.zeros((2, 2)), key=KEY),
+            ValueError,
+            r"x must be a flat \(1-D\) vector, got shape \(2, 2\)",
+        ),
         (lambda f: curvature.trace(f, jnp.zeros(0), key=KEY), ValueError, r"x is empty"),
-        (lambda f: curvature.trace(f, jnp.zeros(4, jnp.int32), key=KEY), TypeError,
-         r"real floating-point vector, got dtype int32"),
-        (lambda f: curvature.trace(f, Z4, key=KEY, samples=0), ValueError, r"samples must be an integer >= 1"),
-        (lambda f: curvature.diagonal(f, Z4, key=KEY, samples=2.0), TypeError,
-         r"samples must be an integer >= 1, got 2.0 \(float\)"),
-        (lambda f: curvature.trace(f, Z4, key=KEY, info="yes"), TypeError, r"info must be True or False"),
-        (lambda f: curvature.hvp(f, Z4, jnp.zeros(3)), ValueError, r"v must be shaped like x \(4,\), got \(3,\)"),
+        (
+            lambda f: curvature.trace(f, jnp.zeros(4, jnp.int32), key=KEY),
+            TypeError,
+            r"real floating-point vector, got dtype int32",
+        ),
+        (
+            lambda f: curvature.trace(f, Z4, key=KEY, samples=0),
+            ValueError,
+            r"samples must be an integer >= 1",
+        ),
+        (
+            lambda f: curvature.diagonal(f, Z4, key=KEY, samples=2.0),
+            TypeError,
+            r"samples must be an integer >= 1, got 2.0 \(float\)",
+        ),
+        (
+            lambda f: curvature.trace(f, Z4, key=KEY, info="yes"),
+            TypeError,
+            r"info must be True or False",
+        ),
+        (
+            lambda f: curvature.hvp(f, Z4, jnp.zeros(3)),
+            ValueError,
+            r"v must be shaped like x \(4,\), got \(3,\)",
+        ),
         (lambda f: curvature.hvp(f, Z4, Z4, data=[]), ValueError, r"data= is empty"),
-        (lambda f: curvature.hvp(lambda x, b: f(x), Z4, Z4, data=[None, None]), ValueError,
-         r"data= batch 0 holds no array \(got None\)"),
-        (lambda f: curvature.hvp(lambda x, b: f(x), Z4, Z4, data=gen()), TypeError, r"data= is a one-shot iterator"),
-        (lambda f: curvature.hvp(lambda x, b: f(x), Z4, Z4, data=(jnp.ones((2, 3)), jnp.ones(3))), ValueError,
-         r"one leading axis length > 0 on every leaf, got \[2, 3\]"),
-        (lambda f: curvature.hvp(lambda x, b: f(x), Z4, Z4, data=5), TypeError, r"data= must be a list"),
-        (lambda f: curvature.density(f, Z4, key=KEY, points=1), ValueError, r"points must be an integer >= 2"),
-        (lambda f: curvature.density(f, Z4, key=KEY, runs=0), ValueError, r"runs must be an integer >= 1"),
-        (lambda f: curvature.density(f, Z4, key=KEY, sigma=-0.1), ValueError,
-         r"sigma must be a positive number or None, got -0.1"),
-        (lambda f: curvature.density(f, Z4, key=KEY, sigma="a"), TypeError,
-         r"sigma must be a positive number or None, got 'a' \(str\)"),
-        (lambda f: curvature.trace(lambda x: x**2, Z4, key=KEY), TypeError,
-         r"Gradient only defined for scalar-output functions"),
+        (
+            lambda f: curvature.hvp(lambda x, b: f(x), Z4, Z4, data=[None, None]),
+            ValueError,
+            r"data= batch 0 holds no array \(got None\)",
+        ),
+        (
+            lambda f: curvature.hvp(lambda x, b: f(x), Z4, Z4, data=gen()),
+            TypeError,
+            r"data= is a one-shot iterator",
+        ),
+        (
+            lambda f: curvature.hvp(
+                lambda x, b: f(x), Z4, Z4, data=(jnp.ones((2, 3)), jnp.ones(3))
+            ),
+            ValueError,
+            r"one leading axis length > 0 on every leaf, got \[2, 3\]",
+        ),
+        (
+            lambda f: curvature.hvp(lambda x, b: f(x), Z4, Z4, data=5),
+            TypeError,
+            r"data= must be a list",
+        ),
+        (
+            lambda f: curvature.density(f, Z4, key=KEY, points=1),
+            ValueError,
+            r"points must be an integer >= 2",
+        ),
+        (
+            lambda f: curvature.density(f, Z4, key=KEY, runs=0),
+            ValueError,
+            r"runs must be an integer >= 1",
+        ),
+        (
+            lambda f: curvature.density(f, Z4, key=KEY, sigma=-0.1),
+            ValueError,
+            r"sigma must be a positive number or None, got -0.1",
+        ),
+        (
+            lambda f: curvature.density(f, Z4, key=KEY, sigma="a"),
+            TypeError,
+            r"sigma must be a positive number or None, got 'a' \(str\)",
+        ),
+        (
+            lambda f: curvature.trace(lambda x: x**2, Z4, key=KEY),
+            TypeError,
+            r"Gradient only defined for scalar-output functions",
+        ),
         (lambda f: curvature.trace(None, Z4, key=KEY), TypeError, r"trace: f must be a function"),
         (lambda f: curvature.trace(Unhashable(), Z4, key=KEY), TypeError, r"f must be hashable"),
         (lambda f: curvature.ggn(f, 3), TypeError, r"ggn: loss_fn must be callable, got int"),

@@ -663,7 +663,9 @@ def test_filter_receives_key_path_and_leaf():
         assert isinstance(path, tuple) and by_path[jtu.keystr(path)] is x
     assert [e.path for e in re.layout] == ["['b'][0]"]
     assert re(flat)["a"] is tree["a"]
-    assert any(np.array_equal(x, tree["a"]) for x in jtu.tree_leaves(re))  # filtered out: a child of re
+    assert any(
+        np.array_equal(x, tree["a"]) for x in jtu.tree_leaves(re)
+    )  # filtered out: a child of re
 
 
 def test_register_trainable_is_respected():
@@ -890,7 +892,12 @@ def test_layout_path_uses_keystr():
 
 
 def test_abstract_tree_gives_a_shape_dtype_struct_and_a_working_re():
-    tree = {"w": jnp.ones((2, 3), jnp.bfloat16), "b": jnp.zeros(3), "n": jnp.arange(2), "f": jnp.sin}
+    tree = {
+        "w": jnp.ones((2, 3), jnp.bfloat16),
+        "b": jnp.zeros(3),
+        "n": jnp.arange(2),
+        "f": jnp.sin,
+    }
     abstract = {k: jax.eval_shape(lambda x=x: x) if k != "f" else x for k, x in tree.items()}
     flat, re = destructure(abstract)
     real_flat, real_re = destructure(tree)
@@ -906,7 +913,11 @@ def test_abstract_tree_gives_a_shape_dtype_struct_and_a_working_re():
 
 
 def test_abstract_nnx_model_plans_the_layout():
-    make = lambda: nnx.Sequential(nnx.Linear(3, 4, rngs=nnx.Rngs(0)), nnx.BatchNorm(4, rngs=nnx.Rngs(0)))  # noqa: E731
+    def make():
+        return nnx.Sequential(
+            nnx.Linear(3, 4, rngs=nnx.Rngs(0)), nnx.BatchNorm(4, rngs=nnx.Rngs(0))
+        )
+
     flat, re = destructure(nnx.eval_shape(make))
     model = make()
     real_flat, _ = destructure(model)

@@ -110,8 +110,13 @@ def test_a_forked_process_never_compiles_and_does_not_hang():
             print("ok", pool.map(work, range(4)))
         """
     )
-    proc = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True, start_new_session=True)
+    proc = subprocess.Popen(
+        [sys.executable, "-c", script],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        start_new_session=True,
+    )
     try:
         stdout, stderr = proc.communicate(timeout=120)
     finally:
@@ -225,7 +230,9 @@ def test_memory_of_compiled_programs_stays_bounded_over_many_structures():
         print("growth", marks[1] - marks[0])
         """
     )
-    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=240)
+    out = subprocess.run(
+        [sys.executable, "-c", script], capture_output=True, text=True, timeout=240
+    )
     assert out.returncode == 0, out.stderr[-2000:]
     growth = float(out.stdout.split()[-1])
     assert growth < 40, f"RSS grew {growth:.0f} MiB over the last 70 structures"

@@ -24,7 +24,10 @@ def version(path):
 def random_tree(n=4, size=4096):
     """Arrays of random bits: incompressible, so their bytes lie verbatim in Orbax's files."""
     rng = np.random.default_rng(0)
-    return {f"layer{i}": {"w": jnp.asarray(rng.integers(0, 2**32, size, dtype=np.uint32))} for i in range(n)}
+    return {
+        f"layer{i}": {"w": jnp.asarray(rng.integers(0, 2**32, size, dtype=np.uint32))}
+        for i in range(n)
+    }
 
 
 def _where_stored(path, x):
@@ -55,8 +58,10 @@ def orbax_stray_errors(monkeypatch):
 
     def hook(args):
         e = args.exc_value
-        if not ((isinstance(e, RuntimeError) and "Event loop is closed" in str(e))
-                or (isinstance(e, RuntimeWarning) and "was never awaited" in str(e))):
+        if not (
+            (isinstance(e, RuntimeError) and "Event loop is closed" in str(e))
+            or (isinstance(e, RuntimeWarning) and "was never awaited" in str(e))
+        ):
             previous(args)
 
     monkeypatch.setattr(sys, "unraisablehook", hook)
@@ -105,7 +110,9 @@ def test_a_bit_flip_with_like_and_other_dtype_is_detected(tmp_path):
 
 def test_every_bit_flip_in_the_description_is_detected(tmp_path):
     path = tmp_path / "ckpt"
-    jaxflat.save(path, {"a": jnp.ones(3), "b": {1: np.arange(2.0)}, "n": 7, "s": "x", "k": jax.random.key(0)})
+    jaxflat.save(
+        path, {"a": jnp.ones(3), "b": {1: np.arange(2.0)}, "n": 7, "s": "x", "k": jax.random.key(0)}
+    )
     data = (path / "jaxflat.json").read_bytes()
     parse = jaxflat._checkpoint._parser(path, True)
     missed = []
@@ -198,7 +205,10 @@ class Level(enum.IntEnum):
 
 
 def test_str_and_int_subclass_keys_are_saved_as_plain_keys(tmp_path):
-    tree = {"s": {np.str_("a"): jnp.ones(1), Color.RED: 1, "plain": Color.RED}, "i": {Level.HIGH: {"x": 2.0}}}
+    tree = {
+        "s": {np.str_("a"): jnp.ones(1), Color.RED: 1, "plain": Color.RED},
+        "i": {Level.HIGH: {"x": 2.0}},
+    }
     jaxflat.save(tmp_path / "ckpt", tree)
     got = jaxflat.load(tmp_path / "ckpt")
     assert got == {"s": {"a": got["s"]["a"], "red": 1, "plain": "red"}, "i": {3: {"x": 2.0}}}
@@ -242,7 +252,9 @@ def test_every_file_is_fsynced_before_the_commit(tmp_path, monkeypatch):
     names = {p.name for p in files}
     assert {"_METADATA", "array_metadatas", "manifest.ocdbt"} <= names, names
     before = committed[0]
-    missing = [str(p.relative_to(path)) for p in files if (p.stat().st_dev, p.stat().st_ino) not in before]
+    missing = [
+        str(p.relative_to(path)) for p in files if (p.stat().st_dev, p.stat().st_ino) not in before
+    ]
     assert not missing, f"not fsynced before the commit: {missing}"
 
 
@@ -331,7 +343,9 @@ def test_a_sharded_load_is_verified(tmp_path):
     mesh = Mesh(np.array(jax.devices()).reshape(2, 4), ("a", "b"))
     sharding = NamedSharding(mesh, PartitionSpec("a", "b"))
     path = tmp_path / "ckpt"
-    tree = {"w": jnp.asarray(np.random.default_rng(1).integers(0, 2**32, (64, 128), dtype=np.uint32))}
+    tree = {
+        "w": jnp.asarray(np.random.default_rng(1).integers(0, 2**32, (64, 128), dtype=np.uint32))
+    }
     jaxflat.save(path, tree)
     like = {"w": jax.ShapeDtypeStruct((64, 128), jnp.uint32, sharding=sharding)}
     assert jaxflat.load(path, like=like)["w"].sharding == sharding

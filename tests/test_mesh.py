@@ -49,8 +49,8 @@ def test_flat_is_spread_over_the_mesh_and_leaves_keep_their_sharding(kind):
         # re closed over: its parameters keep their shardings (the rest are constants)
         out = jax.jit(lambda v: arrays(re(v)))(flat)
         for k in ("w", "b", "r"):
-                assert out[k].sharding.is_equivalent_to(tree[k].sharding, out[k].ndim), k
-                np.testing.assert_array_equal(out[k], tree[k])
+            assert out[k].sharding.is_equivalent_to(tree[k].sharding, out[k].ndim), k
+            np.testing.assert_array_equal(out[k], tree[k])
 
 
 @pytest.mark.parametrize("kind", [AxisType.Auto, AxisType.Explicit])
@@ -111,11 +111,15 @@ def test_restructure_inside_jit_keeps_shardings_and_batches_with_vmap():
 def test_checkpoint_saved_on_8_devices_restores_onto_fewer(tmp_path, n_devices):
     _, tree = sharded_tree(AxisType.Auto)
     jaxflat.save(tmp_path / "ckpt", tree)
-    small = jax.make_mesh((n_devices,), ("x",), devices=jax.devices()[:n_devices],
-                          axis_types=(AxisType.Auto,))
+    small = jax.make_mesh(
+        (n_devices,), ("x",), devices=jax.devices()[:n_devices], axis_types=(AxisType.Auto,)
+    )
     like = jax.tree.map(
-        lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=NamedSharding(small, P("x")))
-        if isinstance(x, jax.Array) else x,
+        lambda x: (
+            jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=NamedSharding(small, P("x")))
+            if isinstance(x, jax.Array)
+            else x
+        ),
         tree,
     )
     out = jaxflat.load(tmp_path / "ckpt", like=like)
@@ -135,8 +139,10 @@ def test_loadmodel_puts_values_on_dst_sharding():
 
 def test_abstract_sharded_tree_plans_the_flat_vector_without_allocating_it():
     mesh, tree = sharded_tree(AxisType.Auto)
-    abstract = {k: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding) if k != "act" else x
-                for k, x in tree.items()}
+    abstract = {
+        k: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding) if k != "act" else x
+        for k, x in tree.items()
+    }
     flat, re = jaxflat.destructure(abstract)
     real, re_real = jaxflat.destructure(tree)
     assert isinstance(flat, jax.ShapeDtypeStruct)

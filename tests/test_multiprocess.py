@@ -178,7 +178,9 @@ def test_two_processes_sharded_step_save_load(tmp_path):
         assert checks["rebuilt_keeps_shardings"]
         assert checks["flat_loaded_sharding_equal"]
         listing = sorted(info["ckpt_listing"])  # the lock, one version folder, the pointer
-        assert len(listing) == 3 and listing[0] == ".jaxflat.lock" and listing[1].startswith("arrays-")
+        assert (
+            len(listing) == 3 and listing[0] == ".jaxflat.lock" and listing[1].startswith("arrays-")
+        )
         assert listing[2] == "jaxflat.json"
         for leaf in checks["leaves"]:
             assert leaf["path"] == leaf["path_loaded"]

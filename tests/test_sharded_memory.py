@@ -94,30 +94,75 @@ MESH_2D = ((2, 4), ("x", "y"))
 
 LAYOUTS = {
     # name: (mesh, [(shape, spec, dtype)], flat axes)
-    "fsdp": (MESH_1D, [((32, 8), P("fsdp", None), "f4"), ((8,), P("fsdp"), "f4"),
-                       ((16, 8), P("fsdp"), "f4"), ((8,), P("fsdp"), "f4")], ("fsdp",)),
-    "fsdp-other-dim": (MESH_1D, [((8, 32), P(None, "fsdp"), "f4"), ((16,), P(), "f4"),
-                                 ((), P(), "f4"), ((40, 3), P("fsdp", None), "f4"),
-                                 ((7,), P(), "f4"), ((8,), P(), "f4")], ("fsdp",)),
-    "2d-mixed": (MESH_2D, [((8, 12), P("x", "y"), "f4"), ((16,), P(("x", "y")), "f4"),
-                           ((3, 8), P(None, "y"), "f4"), ((), P(), "f4"),
-                           ((24, 4), P(("y", "x"), None), "f4"), ((7,), P(), "f4"),
-                           ((4, 6), P("y", "x"), "f4"), ((20, 3), P("y", None), "f4"),
-                           ((4,), P(), "f4")],
-                 ("x", "y")),
-    "2d-flat-on-y": (MESH_2D, [((8, 12), P("x", "y"), "f4"), ((16,), P("y"), "f4"),
-                               ((12, 8), P("x"), "f4")], ("y",)),
-    "2d-flat-yx": (MESH_2D, [((8, 12), P("x", "y"), "f4"), ((16,), P(("x", "y")), "f4"),
-                             ((8, 2, 4), P("y", None, "x"), "f4")], ("y", "x")),
+    "fsdp": (
+        MESH_1D,
+        [
+            ((32, 8), P("fsdp", None), "f4"),
+            ((8,), P("fsdp"), "f4"),
+            ((16, 8), P("fsdp"), "f4"),
+            ((8,), P("fsdp"), "f4"),
+        ],
+        ("fsdp",),
+    ),
+    "fsdp-other-dim": (
+        MESH_1D,
+        [
+            ((8, 32), P(None, "fsdp"), "f4"),
+            ((16,), P(), "f4"),
+            ((), P(), "f4"),
+            ((40, 3), P("fsdp", None), "f4"),
+            ((7,), P(), "f4"),
+            ((8,), P(), "f4"),
+        ],
+        ("fsdp",),
+    ),
+    "2d-mixed": (
+        MESH_2D,
+        [
+            ((8, 12), P("x", "y"), "f4"),
+            ((16,), P(("x", "y")), "f4"),
+            ((3, 8), P(None, "y"), "f4"),
+            ((), P(), "f4"),
+            ((24, 4), P(("y", "x"), None), "f4"),
+            ((7,), P(), "f4"),
+            ((4, 6), P("y", "x"), "f4"),
+            ((20, 3), P("y", None), "f4"),
+            ((4,), P(), "f4"),
+        ],
+        ("x", "y"),
+    ),
+    "2d-flat-on-y": (
+        MESH_2D,
+        [((8, 12), P("x", "y"), "f4"), ((16,), P("y"), "f4"), ((12, 8), P("x"), "f4")],
+        ("y",),
+    ),
+    "2d-flat-yx": (
+        MESH_2D,
+        [
+            ((8, 12), P("x", "y"), "f4"),
+            ((16,), P(("x", "y")), "f4"),
+            ((8, 2, 4), P("y", None, "x"), "f4"),
+        ],
+        ("y", "x"),
+    ),
     "2d-flat-replicated": (MESH_2D, [((8, 12), P("x", "y"), "f4"), ((6,), P(), "f4")], ()),
-    "mixed-dtypes": (MESH_1D, [((16, 8), P("fsdp"), "bf16"), ((8,), P("fsdp"), "f4"),
-                               ((8, 8), P(None, "fsdp"), "f2")], ("fsdp",)),
-    "complex": (MESH_2D, [((8, 4), P("x", "y"), "c8"), ((16,), P(("x", "y")), "f4"),
-                          ((8,), P(), "bf16")], ("x", "y")),
+    "mixed-dtypes": (
+        MESH_1D,
+        [((16, 8), P("fsdp"), "bf16"), ((8,), P("fsdp"), "f4"), ((8, 8), P(None, "fsdp"), "f2")],
+        ("fsdp",),
+    ),
+    "complex": (
+        MESH_2D,
+        [((8, 4), P("x", "y"), "c8"), ((16,), P(("x", "y")), "f4"), ((8,), P(), "bf16")],
+        ("x", "y"),
+    ),
     "bf16-flat": (MESH_1D, [((16, 8), P("fsdp"), "bf16"), ((8,), P(), "bf16")], ("fsdp",)),
     "one-device": (((1,), ("a",)), [((4, 2), P("a"), "f4"), ((3,), P(), "f4")], ("a",)),
-    "empty-leaf": (MESH_1D, [((16, 8), P("fsdp"), "f4"), ((0, 8), P(None, "fsdp"), "f4"),
-                             ((8,), P("fsdp"), "f4")], ("fsdp",)),
+    "empty-leaf": (
+        MESH_1D,
+        [((16, 8), P("fsdp"), "f4"), ((0, 8), P(None, "fsdp"), "f4"), ((8,), P("fsdp"), "f4")],
+        ("fsdp",),
+    ),
 }
 DTYPES = {"f4": np.float32, "bf16": jnp.bfloat16, "f2": np.float16, "c8": np.complex64}
 
@@ -135,8 +180,9 @@ def _check_layout(name, kind):
     mesh, params, fs, dtype = _layout(name, kind)
     shs = [p.sharding for p in params]
     spec = tuple((p.shape, p.dtype) for p in params)
-    plan = _sharded._make_moves([p.shape for p in params], [p.dtype for p in params], shs,
-                               dtype, fs)
+    plan = _sharded._make_moves(
+        [p.shape for p in params], [p.dtype for p in params], shs, dtype, fs
+    )
     assert plan is not None  # the scheme applies: this is no fallback test
 
     flat = jax.jit(lambda ps: _sharded.concat(ps, dtype, fs, shardings=shs))(params)
@@ -183,7 +229,10 @@ def test_explicit_axes(name):
         ref = jax.sharding.auto_axes(ref, out_sharding=fs)(params)
         assert _same_bits(flat, ref)
         assert flat.sharding.is_equivalent_to(fs, 1)
-        assert jax.typeof(jax.jit(lambda ps: _sharded.concat(ps, dtype, fs))(params)).sharding.spec == fs.spec
+        assert (
+            jax.typeof(jax.jit(lambda ps: _sharded.concat(ps, dtype, fs))(params)).sharding.spec
+            == fs.spec
+        )
         back = jax.jit(lambda v: _sharded.split(v, spec, shs))(flat)
     for b, p in zip(back, params, strict=True):
         assert _same_bits(b, p)
@@ -212,14 +261,25 @@ def test_fallbacks_stay_exact():
     assert _same_bits(flat, ref) and flat.sharding.is_equivalent_to(fs, 1)
     # flat length not divided by its axes; uneven leaf; foreign mesh; non-named
     odd = NamedSharding(mesh, P("fsdp"))
-    assert _sharded._make_moves([(5,)], [np.float32], [NamedSharding(mesh, P())], np.float32,
-                               odd) is None
-    assert _sharded._make_moves([(12,), (4,)], [np.float32] * 2,
-                               [NamedSharding(mesh, P("fsdp")), NamedSharding(mesh, P())],
-                               np.float32, odd) is None
+    assert (
+        _sharded._make_moves([(5,)], [np.float32], [NamedSharding(mesh, P())], np.float32, odd)
+        is None
+    )
+    assert (
+        _sharded._make_moves(
+            [(12,), (4,)],
+            [np.float32] * 2,
+            [NamedSharding(mesh, P("fsdp")), NamedSharding(mesh, P())],
+            np.float32,
+            odd,
+        )
+        is None
+    )
     other = _mesh((2, 4), ("x", "y"))
-    assert _sharded._make_moves([(8,)], [np.float32], [NamedSharding(other, P("x"))],
-                               np.float32, odd) is None
+    assert (
+        _sharded._make_moves([(8,)], [np.float32], [NamedSharding(other, P("x"))], np.float32, odd)
+        is None
+    )
     single = jax.sharding.SingleDeviceSharding(jax.devices()[0])
     assert _sharded._make_moves([(8,)], [np.float32], [single], np.float32, odd) is None
     # plain split under jit for a vector whose length does not fit the plan
@@ -248,7 +308,9 @@ def _ad_setup():
     mesh = _mesh(*MESH_1D)
     params = [_put(mesh, (8, 4), P("fsdp", None), seed=1), _put(mesh, (8,), P("fsdp"), seed=2)]
     params = [jnp.where(jnp.isfinite(p), p, 0.5) for p in params]  # finite for derivatives
-    params = [jax.device_put(p, s) for p, s in zip(params, [q.sharding for q in params], strict=True)]
+    params = [
+        jax.device_put(p, s) for p, s in zip(params, [q.sharding for q in params], strict=True)
+    ]
     shs = [p.sharding for p in params]
     spec = tuple((p.shape, p.dtype) for p in params)
     fs = NamedSharding(mesh, P("fsdp"))
@@ -258,6 +320,7 @@ def _ad_setup():
         def f(v):
             w, b = split(v)
             return jnp.sum(jnp.tanh(w) * jnp.cos(b)[:, None]) + jnp.sum(w[:, 0] * b**2)
+
         return f
 
     ours = f_with(lambda v: _sharded.split(v, spec, shs, flat_sharding=fs))
@@ -271,8 +334,10 @@ def test_grad_jvp_hessian_match_plain():
     assert _same_bits(g1, g2)
     assert g1.sharding.is_equivalent_to(fs, 1)
     t = jnp.arange(flat.size, dtype=flat.dtype) / 7
-    assert all(_same_bits(a, b) for a, b in zip(jax.jvp(ours, (flat,), (t,)),
-                                                 jax.jvp(plain, (flat,), (t,)), strict=True))
+    assert all(
+        _same_bits(a, b)
+        for a, b in zip(jax.jvp(ours, (flat,), (t,)), jax.jvp(plain, (flat,), (t,)), strict=True)
+    )
     h1, h2 = jax.jit(jax.hessian(ours))(flat), jax.jit(jax.hessian(plain))(flat)
     np.testing.assert_allclose(h1, h2, rtol=1e-6, atol=1e-6)
     fwd = jax.jit(jax.jacfwd(jax.jacfwd(ours)))(flat)
@@ -297,10 +362,13 @@ def test_vmap():
     params, shs, spec, fs, flat, ours, plain = _ad_setup()
     batch = jnp.stack([flat, -flat, 2 * flat])
     split = jax.vmap(lambda v: _sharded.split(v, spec, shs, flat_sharding=fs))
-    for a, b in zip(jax.jit(split)(batch), jax.vmap(lambda v: _plain_split(v, spec))(batch), strict=True):
+    for a, b in zip(
+        jax.jit(split)(batch), jax.vmap(lambda v: _plain_split(v, spec))(batch), strict=True
+    ):
         assert _same_bits(a, b)
-    cat = jax.vmap(lambda *ps: _sharded.concat(list(ps), jnp.float32, fs, shardings=shs),
-                   in_axes=(0, None))
+    cat = jax.vmap(
+        lambda *ps: _sharded.concat(list(ps), jnp.float32, fs, shardings=shs), in_axes=(0, None)
+    )
     ws = jnp.stack([params[0], params[0] + 1])
     ref = jnp.stack([jnp.concatenate([w.ravel(), params[1]]) for w in ws])
     assert _same_bits(jax.jit(cat)(ws, params[1]), ref)
@@ -323,8 +391,10 @@ def _mlp():
     b = NamedSharding(mesh, P("fsdp"))
     tree = []
     for _ in range(LAYERS):
-        tree += [jax.ShapeDtypeStruct((WIDTH, WIDTH), jnp.float32, sharding=w),
-                 jax.ShapeDtypeStruct((WIDTH,), jnp.float32, sharding=b)]
+        tree += [
+            jax.ShapeDtypeStruct((WIDTH, WIDTH), jnp.float32, sharding=w),
+            jax.ShapeDtypeStruct((WIDTH,), jnp.float32, sharding=b),
+        ]
     n = sum(int(np.prod(x.shape)) for x in tree)
     fs = NamedSharding(mesh, P("fsdp"))
     share = n * 4 / 8  # bytes of the model per device

@@ -17,9 +17,14 @@ def seed_model():
 def test_summary_of_the_seed_model():
     text = jaxflat.summary(seed_model())
     lines = text.splitlines()
-    assert lines[0].startswith("Sequential") and "51_018 parameters, plus 128 non-trainable" in lines[0]
+    assert (
+        lines[0].startswith("Sequential")
+        and "51_018 parameters, plus 128 non-trainable" in lines[0]
+    )
     assert any("Linear" in line and "# 50_240 parameters" in line for line in lines)
-    assert any("BatchNorm" in line and "128 parameters, plus 128 non-trainable" in line for line in lines)
+    assert any(
+        "BatchNorm" in line and "128 parameters, plus 128 non-trainable" in line for line in lines
+    )
     assert any("Linear" in line and "# 650 parameters" in line for line in lines)
     assert lines[-1] == (
         "# Total: 6 trainable arrays, 51_018 parameters, plus 2 non-trainable, "
@@ -36,7 +41,9 @@ def test_summary_of_other_trees():
     mlp = eqx.nn.MLP(2, 1, 8, 2, key=jax.random.key(0))
     assert "105 parameters" in jaxflat.summary(mlp)
     text = jaxflat.summary({"w": jnp.ones((1000,)), "n": jnp.arange(3), "f": jnp.tanh})
-    assert text.splitlines()[-1].startswith("# Total: 1 trainable arrays, 1_000 parameters, plus 1 non-trainable, 3 parameters")
+    assert text.splitlines()[-1].startswith(
+        "# Total: 1 trainable arrays, 1_000 parameters, plus 1 non-trainable, 3 parameters"
+    )
     assert "bytes" in text or "KiB" in text
 
 

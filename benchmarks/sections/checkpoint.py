@@ -20,7 +20,9 @@ def pairs(tree: Any, src: Any, tmp: Path) -> dict[str, tuple[Any, Any]]:
     from flax import nnx
 
     graphdef, state = nnx.split(tree) if isinstance(tree, nnx.Module) else (None, tree)
-    like = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=a.sharding), state)
+    like = jax.tree.map(
+        lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=a.sharding), state
+    )
     jpath, opath, ckptr = tmp / "jaxflat", (tmp / "orbax").resolve(), ocp.StandardCheckpointer()
 
     def osave() -> None:
@@ -37,10 +39,16 @@ def pairs(tree: Any, src: Any, tmp: Path) -> dict[str, tuple[Any, Any]]:
     device_put = lambda: jax.tree.map(jax.device_put, src)  # noqa: E731
     return {
         "save": (lambda: jaxflat.save(jpath, tree, overwrite=True), osave),
-        "load(like=tree) / restore(abstract)": (lambda: jaxflat.load(jpath, like=tree), orestore_like),
+        "load(like=tree) / restore(abstract)": (
+            lambda: jaxflat.load(jpath, like=tree),
+            orestore_like,
+        ),
         "load() / restore()": (lambda: jaxflat.load(jpath), lambda: ckptr.restore(opath)),
         "loadmodel(dst, src) / device_put": (lambda: jaxflat.loadmodel(tree, src), device_put),
-        "loadmodel(dst, state(src)) / device_put": (lambda: jaxflat.loadmodel(tree, st), device_put),
+        "loadmodel(dst, state(src)) / device_put": (
+            lambda: jaxflat.loadmodel(tree, st),
+            device_put,
+        ),
     }
 
 
@@ -64,8 +72,10 @@ def run(rep: h.Report, cfg: SimpleNamespace) -> None:
                 fns = {"jaxflat": jf, "plain": plain, "copy": copy}
                 res = h.medians(fns, max(3, cfg.reps // 3), warmup=1)
                 rows.append({"workload": spec, "op": op, **res})
-                table.append([spec, op, *(h.ms(v) for v in res.values())]
-                             + [h.x(res["jaxflat"], res["plain"]), h.x(res["jaxflat"], res["copy"])])
+                table.append(
+                    [spec, op, *(h.ms(v) for v in res.values())]
+                    + [h.x(res["jaxflat"], res["plain"]), h.x(res["jaxflat"], res["copy"])]
+                )
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     rep.table(["workload", "operation", "jaxflat", "plain", "copy", "jf/plain", "jf/copy"], table)

@@ -25,8 +25,10 @@ def child(who: str, n: int, repeat: int = 3) -> None:
     h.warm_backend()
     before, loop_s, copy_s = h.rss_mib()["VmRSS"], 0.0, 0.0
     for i in range(n):  # the i-th structure: a dict of 1-37 small arrays, keys unique to i
-        tree = {f"s{i}_{j}": jax.numpy.full(1 + (i + 3 * j) % 13, j, "float32")
-                for j in range(1 + i % 37)}
+        tree = {
+            f"s{i}_{j}": jax.numpy.full(1 + (i + 3 * j) % 13, j, "float32")
+            for j in range(1 + i % 37)
+        }
         buf = np.ones(sum(a.nbytes for a in tree.values()), np.uint8)
         t0 = time.perf_counter()
         for _ in range(2 * repeat):  # the floor: a copy per flatten and per rebuild
@@ -37,9 +39,16 @@ def child(who: str, n: int, repeat: int = 3) -> None:
             jax.block_until_ready(re(flat))
         loop_s, copy_s = loop_s + time.perf_counter() - t1, copy_s + t1 - t0
         if (i + 1) % 250 == 0 or i + 1 == n:
-            h.emit({"done": i + 1, "calls": 2 * repeat * (i + 1), "loop_s": loop_s,
-                    "copy_s": copy_s, "growth_mib": h.rss_mib()["VmRSS"] - before,
-                    "last_call": time.time()})
+            h.emit(
+                {
+                    "done": i + 1,
+                    "calls": 2 * repeat * (i + 1),
+                    "loop_s": loop_s,
+                    "copy_s": copy_s,
+                    "growth_mib": h.rss_mib()["VmRSS"] - before,
+                    "last_call": time.time(),
+                }
+            )
 
 
 def measure(who: str, n: int, loop_timeout: float, exit_timeout: float) -> dict[str, Any]:
@@ -102,6 +111,9 @@ def run(rep: h.Report, cfg: SimpleNamespace) -> None:
         + [h.x(r.get("loop_s"), r.get("copy_s"))]
         for r in rows
     ]
-    rep.table(["contender", "structures", "calls", "loop ms", "ms/call", "copy ms"]
-              + ["RSS growth MiB", "exit s", "jf/ravel", "loop/copy"], table)
+    rep.table(
+        ["contender", "structures", "calls", "loop ms", "ms/call", "copy ms"]
+        + ["RSS growth MiB", "exit s", "jf/ravel", "loop/copy"],
+        table,
+    )
     rep.data["sections"]["churn"] = rows

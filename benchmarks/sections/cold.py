@@ -68,6 +68,8 @@ def run(rep: h.Report, cfg: SimpleNamespace) -> None:
                 + [h.ms(res[k]) for k in res]
                 + h.ratios(calls[0], res)
             )
-    rep.table(["workload", "leaves", "op", "call 1", "call 2", "ravel", "jit", "copy"]
-              + h.RATIO_HEADERS, table)
+    rep.table(
+        ["workload", "leaves", "op", "call 1", "call 2", "ravel", "jit", "copy"] + h.RATIO_HEADERS,
+        table,
+    )
     rep.data["sections"]["cold"] = rows

@@ -98,7 +98,9 @@ def run(rep: h.Report, cfg: SimpleNamespace) -> None:
         flat, re = jaxflat.destructure(tree)
         t_tree = compile_s(h.sq_loss, tree)
         t_re = compile_s(lambda v, re=re: h.sq_loss(re(v)), flat)
-        rows.append({"workload": spec, "leaves": leaves, "params": params, "tree": t_tree, "re": t_re})
+        rows.append(
+            {"workload": spec, "leaves": leaves, "params": params, "tree": t_tree, "re": t_re}
+        )
         table.append([spec, str(leaves), f"{t_tree:.2f}", f"{t_re:.2f}", h.x(t_re, t_tree)])
     rep.table(["workload", "leaves", "tree s", "re s", "re/tree"], table)
     h.log("gpt2 sgd step")

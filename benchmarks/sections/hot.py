@@ -31,7 +31,10 @@ def run(rep: h.Report, cfg: SimpleNamespace) -> None:
         t0 = time.perf_counter()
         flat, re = jaxflat.destructure(tree)  # flatten call 1
         calls = {"flatten": [time.perf_counter() - t0 + h.timed(lambda v=flat: v)]}
-        jf = {"flatten": lambda t=tree: jaxflat.destructure(t)[0], "rebuild": lambda r=re, v=flat: r(v)}
+        jf = {
+            "flatten": lambda t=tree: jaxflat.destructure(t)[0],
+            "rebuild": lambda r=re, v=flat: r(v),
+        }
         calls["flatten"] += [h.timed(jf["flatten"]) for _ in range(cfg.calls - 1)]
         calls["rebuild"] = [h.timed(jf["rebuild"]) for _ in range(cfg.calls)]
         for _ in range(cfg.settled - cfg.calls):

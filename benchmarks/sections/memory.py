@@ -26,8 +26,15 @@ def child(op: str, spec: str, reps: int) -> None:
     floor = h.Floor(tree)
     fns = floor.flatten() if op == "flatten" else floor.rebuild()
     res = h.medians({"jaxflat": fn, **fns}, reps, warmup=1)
-    h.emit({"first": first, "growth_mib": peak - before, "vector_mib": vector_mib, **res,
-            "peak_exact": exact})
+    h.emit(
+        {
+            "first": first,
+            "growth_mib": peak - before,
+            "vector_mib": vector_mib,
+            **res,
+            "peak_exact": exact,
+        }
+    )
 
 
 def run(rep: h.Report, cfg: SimpleNamespace) -> None:

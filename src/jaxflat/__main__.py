@@ -1,15 +1,15 @@
 """jaxflat on the command line.
 
-  demo          the flat-and-nested walk-through on a small Flax NNX model
-  inspect PATH  a checkpoint's key paths, shapes, dtypes, element counts and
-                bytes, and its non-array values, from its metadata alone (no
-                array data is read); PATH is a jaxflat checkpoint or a plain
-                Orbax one (an item folder, a CheckpointManager step folder,
-                or a CheckpointManager folder: its latest step, or --step N;
-                --item NAME picks an item, then keys inside it)
-  verify PATH   check every array of a jaxflat checkpoint against the hash
-                saved with it: exit 0 if all match, 1 with one line per
-                damaged array
+demo          the flat-and-nested walk-through on a small Flax NNX model
+inspect PATH  a checkpoint's key paths, shapes, dtypes, element counts and
+              bytes, and its non-array values, from its metadata alone (no
+              array data is read); PATH is a jaxflat checkpoint or a plain
+              Orbax one (an item folder, a CheckpointManager step folder,
+              or a CheckpointManager folder: its latest step, or --step N;
+              --item NAME picks an item, then keys inside it)
+verify PATH   check every array of a jaxflat checkpoint against the hash
+              saved with it: exit 0 if all match, 1 with one line per
+              damaged array
 """
 
 from __future__ import annotations
@@ -51,7 +51,9 @@ def demo() -> None:
 
     show("re(jnp.zeros(5)): the same structure, new parameters")
     zero = re(jnp.zeros(5))
-    print("all zero:", all(bool((x == 0).all()) for x in jax.tree.leaves(nnx.state(zero, nnx.Param))))
+    print(
+        "all zero:", all(bool((x == 0).all()) for x in jax.tree.leaves(nnx.state(zero, nnx.Param)))
+    )
 
     show("Gradients: nested and flat, the same numbers")
     x = jax.random.uniform(jax.random.key(42), (16, 2))
@@ -128,7 +130,9 @@ def _split(tree: Any, isarray: Any) -> tuple[list[tuple[str, Any]], list[tuple[s
     """(arrays, other values) of a tree, each with its key path."""
     import jax
 
-    leaves = jax.tree_util.tree_flatten_with_path(tree, is_leaf=lambda x: x is None or isarray(x))[0]
+    leaves = jax.tree_util.tree_flatten_with_path(tree, is_leaf=lambda x: x is None or isarray(x))[
+        0
+    ]
     named = [(jax.tree_util.keystr(kp) or "<root>", x) for kp, x in leaves]
     return [r for r in named if isarray(r[1])], [r for r in named if not isarray(r[1])]
 
@@ -146,7 +150,9 @@ def _jaxflat_table(path: Path, item: str | None) -> None:
     for name, x in arrays:
         e = entries[id(x)]
         n = int(np.prod(e["shape"], dtype=np.int64))
-        nbytes = int(np.prod(e["stored"].shape, dtype=np.int64)) * np.dtype(e["stored"].dtype).itemsize
+        nbytes = (
+            int(np.prod(e["stored"].shape, dtype=np.int64)) * np.dtype(e["stored"].dtype).itemsize
+        )
         rows.append((name, tuple(e["shape"]), str(e["dtype"]), n, nbytes))
     _table(str(path), rows, values)
 
@@ -166,8 +172,10 @@ def _orbax_table(path: Path, step: int | None, item: str | None) -> None:
         for k in reversed(keys):
             cut = {k: cut}
         got = _orbax.select(_orbax.restore(folder, cut), keys, title)
-        saved = {jax.tree_util.keystr(kp) or "<root>": v
-                 for kp, v in jax.tree_util.tree_flatten_with_path(got)[0]}
+        saved = {
+            jax.tree_util.keystr(kp) or "<root>": v
+            for kp, v in jax.tree_util.tree_flatten_with_path(got)[0]
+        }
         values = [(name, saved.get(name)) for name, _ in values]
     rows: list[Row] = []
     for name, leaf in arrays:
@@ -194,7 +202,9 @@ def inspect(path: str, step: int | None = None, item: str | None = None) -> None
             raise ValueError(f"{p} is a jaxflat checkpoint, which has no steps: drop --step")
         _jaxflat_table(p, item)
     elif not p.is_dir():
-        raise FileNotFoundError(f"no checkpoint at {p} ({'nothing' if not p.exists() else 'a file'} there)")
+        raise FileNotFoundError(
+            f"no checkpoint at {p} ({'nothing' if not p.exists() else 'a file'} there)"
+        )
     else:
         _orbax_table(p, step, item)
 
@@ -207,7 +217,9 @@ def verify(path: str) -> list[str]:
     from ._errors import LoadError
 
     if not _store.is_checkpoint(Path(path).absolute()):
-        raise FileNotFoundError(f"no jaxflat checkpoint at {path} (plain Orbax checkpoints carry no hashes)")
+        raise FileNotFoundError(
+            f"no jaxflat checkpoint at {path} (plain Orbax checkpoints carry no hashes)"
+        )
     try:
         jaxflat.load(path, verify=True)
     except LoadError as e:
@@ -241,15 +253,21 @@ def main(argv: list[str] | None = None) -> int:
         "rebuild, gradients flat and nested, a Hessian, modules, save and load. "
         "No arguments, no network.",
     )
-    p = sub.add_parser("inspect", help="a checkpoint's tree, from metadata only",
-                       description="A checkpoint's arrays (key path, shape, dtype, elements, "
-                       "bytes) and non-array values, without reading array data.")
+    p = sub.add_parser(
+        "inspect",
+        help="a checkpoint's tree, from metadata only",
+        description="A checkpoint's arrays (key path, shape, dtype, elements, "
+        "bytes) and non-array values, without reading array data.",
+    )
     p.add_argument("path", help="a jaxflat checkpoint, or an Orbax item, step or manager folder")
     p.add_argument("--step", type=int, default=None, help="a step of a CheckpointManager folder")
     p.add_argument("--item", default=None, help="an item of a step, then /-separated keys inside")
-    v = sub.add_parser("verify", help="check a jaxflat checkpoint's arrays against their hashes",
-                       description="Read every array of a jaxflat checkpoint and check it "
-                       "against the hash saved with it; exit 1 with one line per damaged array.")
+    v = sub.add_parser(
+        "verify",
+        help="check a jaxflat checkpoint's arrays against their hashes",
+        description="Read every array of a jaxflat checkpoint and check it "
+        "against the hash saved with it; exit 1 with one line per damaged array.",
+    )
     v.add_argument("path", help="a jaxflat checkpoint")
     args = parser.parse_args(argv)
     if args.cmd == "demo":

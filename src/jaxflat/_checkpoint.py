@@ -161,7 +161,12 @@ def save(path: str | os.PathLike[str], tree: Any, /, *, overwrite: bool = False)
             store.fsync_tree(path / version)
             _sync("jaxflat.save.fsynced")
             if leader:
-                meta = {"format": codec.FORMAT, "version": version, "tree": structure, "arrays": entries}
+                meta = {
+                    "format": codec.FORMAT,
+                    "version": version,
+                    "tree": structure,
+                    "arrays": entries,
+                }
                 store.commit(path, version, codec.dumps(meta), token)
                 if created:
                     store.fsync(path.parent)  # the new folder's own entry
@@ -209,8 +214,9 @@ def _zeros(target: jax.ShapeDtypeStruct) -> Any:
     return jax.make_array_from_callback(target.shape, target.sharding, lambda idx: x[idx])
 
 
-def _read_arrays(folder: Path, path: Path, entries: list[dict[str, Any]],
-                 targets: dict[int, Any], verify: bool) -> dict[int, Any]:
+def _read_arrays(
+    folder: Path, path: Path, entries: list[dict[str, Any]], targets: dict[int, Any], verify: bool
+) -> dict[int, Any]:
     """Restore ``targets`` (entry index -> ShapeDtypeStruct) and check their
     hashes; every damaged array is named in one LoadError."""
     stored = {i: t for i, t in targets.items() if math.prod(t.shape)}
@@ -221,34 +227,53 @@ def _read_arrays(folder: Path, path: Path, entries: list[dict[str, Any]],
         out.update({i: _at(restored, entries[i]["key"]) for i in stored})
     except Exception as e:  # Orbax / tensorstore: damaged, truncated or missing files
         if not verify:
-            raise LoadError(f"load: {path}: corrupt or incomplete checkpoint: {orbax.first_line(e)}") from e
+            raise LoadError(
+                f"load: {path}: corrupt or incomplete checkpoint: {orbax.first_line(e)}"
+            ) from e
         for i, t in stored.items():  # which arrays? one at a time
             try:
                 out[i] = _at(orbax.restore(folder, _nest(entries, {i: t})), entries[i]["key"])
             except Exception as e1:
                 problems.append(f"{entries[i]['path']}: unreadable ({orbax.first_line(e1)})")
         if not problems:
-            raise LoadError(f"load: {path}: corrupt or incomplete checkpoint: {orbax.first_line(e)}") from e
+            raise LoadError(
+                f"load: {path}: corrupt or incomplete checkpoint: {orbax.first_line(e)}"
+            ) from e
     if verify:
         check = [i for i in stored if i in out and entries[i].get("hash") is not None]
         with ThreadPoolExecutor(_THREADS) as pool:
             for i, h in zip(check, pool.map(lambda i: codec.digest(out[i]), check), strict=True):
                 if h is not None and h != entries[i]["hash"]:
-                    problems.append(f"{entries[i]['path']}: its bytes do not match the hash saved with it")
+                    problems.append(
+                        f"{entries[i]['path']}: its bytes do not match the hash saved with it"
+                    )
     if problems:
         n = len(problems)
-        lines = "\n".join(f"  {p}" for p in problems[:20]) + (f"\n  ... and {n - 20} more" if n > 20 else "")
+        lines = "\n".join(f"  {p}" for p in problems[:20]) + (
+            f"\n  ... and {n - 20} more" if n > 20 else ""
+        )
         raise LoadError(f"load: {path}: {n} damaged array{'s' if n > 1 else ''}:\n{lines}")
     return out
 
 
-def _targets(abstract: list[Any], entries: list[dict[str, Any]], used: list[int], like: Any,
-             sel: Any, verify: bool, title: str) -> dict[int, Any]:
+def _targets(
+    abstract: list[Any],
+    entries: list[dict[str, Any]],
+    used: list[int],
+    like: Any,
+    sel: Any,
+    verify: bool,
+    title: str,
+) -> dict[int, Any]:
     """Restore targets: each array at its place in ``like`` with like's
     sharding (and dtype, unless it must be hashed as stored first)."""
     dev = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
-    targets = {i: entries[i]["stored"] if entries[i]["kind"] == "numpy"
-               else entries[i]["stored"].update(sharding=dev) for i in used}
+    targets = {
+        i: entries[i]["stored"]
+        if entries[i]["kind"] == "numpy"
+        else entries[i]["stored"].update(sharding=dev)
+        for i in used
+    }
     if like is None:
         return targets
     m = match(like, sel)
@@ -281,8 +306,15 @@ def _load_jaxflat(path: Path, like: Any, keys: list[str], verify: bool) -> Any:
     return orbax.select(codec.decode(meta["tree"], arrays), keys, str(path))
 
 
-def load(path: str | os.PathLike[str], /, like: Any = None, *, step: int | None = None,
-         item: str | None = None, verify: bool = True) -> Any:
+def load(
+    path: str | os.PathLike[str],
+    /,
+    like: Any = None,
+    *,
+    step: int | None = None,
+    item: str | None = None,
+    verify: bool = True,
+) -> Any:
     """Read a checkpoint written by :func:`save`, or a plain Orbax one.
 
     A jaxflat checkpoint is read whole from one save, even while another
@@ -334,7 +366,9 @@ def load(path: str | os.PathLike[str], /, like: Any = None, *, step: int | None 
     p = Path(path).absolute()
     if store.is_checkpoint(p) or os.path.lexists(p / store.LOCK) or not p.is_dir():
         if step is not None:
-            raise ValueError(f"load: {p} is a jaxflat checkpoint, which has no steps: drop step={step}")
+            raise ValueError(
+                f"load: {p} is a jaxflat checkpoint, which has no steps: drop step={step}"
+            )
         try:
             tree = _load_jaxflat(p, like, [k for k in (item or "").split("/") if k], verify)
         except FileNotFoundError as e:

@@ -204,22 +204,31 @@ def orbax_name(k: str | int) -> str:
     return name or "%"
 
 
-def encode(x: Any, path: tuple[Any, ...], arrays: list[Any], entries: list[dict[str, Any]],
-           okey: tuple[str, ...] = ()) -> Any:
+def encode(
+    x: Any,
+    path: tuple[Any, ...],
+    arrays: list[Any],
+    entries: list[dict[str, Any]],
+    okey: tuple[str, ...] = (),
+) -> Any:
     if isinstance(x, dict):
         keys = [_plain_key(k, (*path, jtu.DictKey(k))) for k in x]
         names = [orbax_name(k) for k in keys]
         return {
             "t": "dict",
             "k": [[type(k).__name__, k] for k in keys],
-            "v": [encode(v, (*path, jtu.DictKey(k)), arrays, entries, (*okey, n))
-                  for k, n, v in zip(keys, names, x.values(), strict=True)],
+            "v": [
+                encode(v, (*path, jtu.DictKey(k)), arrays, entries, (*okey, n))
+                for k, n, v in zip(keys, names, x.values(), strict=True)
+            ],
         }
     if isinstance(x, list | tuple):
         return {
             "t": type(x).__name__,
-            "v": [encode(c, (*path, jtu.SequenceKey(i)), arrays, entries, (*okey, str(i)))
-                  for i, c in enumerate(x)],
+            "v": [
+                encode(c, (*path, jtu.SequenceKey(i)), arrays, entries, (*okey, str(i)))
+                for i, c in enumerate(x)
+            ],
         }
     if isinstance(x, jax.Array | np.ndarray):
         entry: dict[str, Any] = {"path": where(path), "key": list(okey), "shape": list(x.shape)}
@@ -283,7 +292,9 @@ class _Frame:
             if not isinstance(pairs, list):
                 raise Corrupt(f"dict node without a list of keys at {self.where()}")
             if len(pairs) != len(nodes):
-                raise Corrupt(f"dict node with {len(pairs)} keys and {len(nodes)} values at {self.where()}")
+                raise Corrupt(
+                    f"dict node with {len(pairs)} keys and {len(nodes)} values at {self.where()}"
+                )
             for pair in pairs:
                 ok = isinstance(pair, list) and len(pair) == 2
                 if ok and pair[0] == "str" and isinstance(pair[1], str):

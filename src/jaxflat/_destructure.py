@@ -15,6 +15,7 @@ from ._layout import ARRAY, CONST, Layout, LayoutEntry
 
 T = TypeVar("T")
 
+
 def clear_caches() -> None:
     """Forget every structure, layout and compiled program jaxflat keeps.
 
@@ -249,7 +250,9 @@ def destructure(
     leaves, layout, place = _layout.of(tree, filter, sharding)
     params = [leaves[i] for i in layout.params]
     if place.abstract:  # e.g. from jax.eval_shape: plan, do not allocate
-        flat: Any = jax.ShapeDtypeStruct((layout.length,), layout.dtype, sharding=_abstract_sharding(layout, params))
+        flat: Any = jax.ShapeDtypeStruct(
+            (layout.length,), layout.dtype, sharding=_abstract_sharding(layout, params)
+        )
     else:
         flat = _engine.flatten(layout, params, place)
     root = "ArrayImpl" if isinstance(tree, jax.core.Tracer) else type(tree).__name__  # as eagerly

@@ -74,7 +74,10 @@ class _Host:
 
     def __init__(self, layout: Layout) -> None:
         small = layout.length * layout.dtype.itemsize < HOST_ONLY_BYTES
-        self.compiles = {"concat": small and len(layout.shapes) <= MAX_COMPILE_LEAVES, "split": small}
+        self.compiles = {
+            "concat": small and len(layout.shapes) <= MAX_COMPILE_LEAVES,
+            "split": small,
+        }
         self.spent = {"concat": 0.0, "split": 0.0}
         self.concat: Any = None  # Compiled concatenate
         self.cutter: Any = None  # (dtype, device, cut)
@@ -83,8 +86,11 @@ class _Host:
         """Add a host call's time; True when ``kind``'s program is to be bought."""
         self.spent[kind] += seconds
         base, per_leaf = COMPILE_COST
-        return (self.compiles[kind] and not _FORKED
-                and self.spent[kind] >= base + per_leaf * len(layout.shapes))
+        return (
+            self.compiles[kind]
+            and not _FORKED
+            and self.spent[kind] >= base + per_leaf * len(layout.shapes)
+        )
 
 
 def _state(layout: Layout, name: str, make: Callable[[], Any]) -> Any:
@@ -204,8 +210,12 @@ def _split(layout: Layout, v: jax.Array) -> list[Any]:
         return jax.device_put(out, device) if v.committed else out  # type: ignore[no-any-return]
     t0 = time.perf_counter()
     a = np.asarray(v)
-    pieces = [cast(a[s : s + n].reshape(shape), dt)
-              for s, n, shape, dt in zip(layout.starts, layout.sizes, layout.shapes, layout.dtypes, strict=True)]
+    pieces = [
+        cast(a[s : s + n].reshape(shape), dt)
+        for s, n, shape, dt in zip(
+            layout.starts, layout.sizes, layout.shapes, layout.dtypes, strict=True
+        )
+    ]
     out = jax.device_put(pieces, device if v.committed else None)
     if host.due(layout, "split", time.perf_counter() - t0) and host.cutter is None:
         host.cutter = (v.dtype, device, _cutter(layout, v))
@@ -215,9 +225,17 @@ def _split(layout: Layout, v: jax.Array) -> list[Any]:
 def _cutter(layout: Layout, v: jax.Array) -> Callable[[jax.Array], list[Any]]:
     """Jitted host callbacks cutting ``v``, one per MAX_COMPILE_LEAVES leaves
     (XLA's own split of many leaves compiles in seconds: 15.8 s at 1000)."""
+
     def chunk(lo: int, hi: int) -> Any:
-        rows = list(zip(layout.starts[lo:hi], layout.sizes[lo:hi], layout.shapes[lo:hi],
-                        layout.dtypes[lo:hi], strict=True))
+        rows = list(
+            zip(
+                layout.starts[lo:hi],
+                layout.sizes[lo:hi],
+                layout.shapes[lo:hi],
+                layout.dtypes[lo:hi],
+                strict=True,
+            )
+        )
         out = [jax.ShapeDtypeStruct(shape, dt) for _, _, shape, dt in rows]
 
         def host(a: Any) -> list[Any]:

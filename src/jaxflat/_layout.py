@@ -59,15 +59,24 @@ class Layout:
     structure: Structure
     kinds: tuple[int, ...]  # per leaf: parameter index, ARRAY or CONST
     shapes: tuple[Shape, ...]  # per parameter
-    dtypes: tuple[np.dtype, ...]  # per parameter, as JAX holds it (float64 numpy: float32 without x64)
+    dtypes: tuple[
+        np.dtype, ...
+    ]  # per parameter, as JAX holds it (float64 numpy: float32 without x64)
     given: tuple[np.dtype, ...]  # per parameter, as given (what ``layout`` reports)
     shardings: tuple[Any, ...] | None  # per parameter when sharded over a mesh, else None
     sharding: Any  # what the caller asked for ``flat``, or None
     state: dict[str, Any] = field(default_factory=dict, compare=False, repr=False)
 
     def __post_init__(self) -> None:
-        key = (self.structure.key, self.kinds, self.shapes, self.dtypes, self.given,
-               self.shardings, self.sharding)
+        key = (
+            self.structure.key,
+            self.kinds,
+            self.shapes,
+            self.dtypes,
+            self.given,
+            self.shardings,
+            self.sharding,
+        )
         object.__setattr__(self, "key", key)
         object.__setattr__(self, "hash", hash(key))
 
@@ -112,8 +121,9 @@ class Layout:
         paths = self.structure.paths
         return tuple(
             LayoutEntry(jtu.keystr(paths[i]), a, a + n, s, d)
-            for i, a, n, s, d in zip(self.params, self.starts, self.sizes, self.shapes, self.given,
-                                     strict=True)
+            for i, a, n, s, d in zip(
+                self.params, self.starts, self.sizes, self.shapes, self.given, strict=True
+            )
         )
 
 
@@ -143,7 +153,9 @@ def cast(x: Any, dtype: Any) -> Any:
     """``x`` as ``dtype`` (numpy or jax): complex into real keeps the real part."""
     if x.dtype == dtype:
         return x
-    if jnp.issubdtype(x.dtype, jnp.complexfloating) and not jnp.issubdtype(dtype, jnp.complexfloating):
+    if jnp.issubdtype(x.dtype, jnp.complexfloating) and not jnp.issubdtype(
+        dtype, jnp.complexfloating
+    ):
         x = x.real
     return x.astype(dtype)
 
@@ -199,8 +211,9 @@ class Place(NamedTuple):
     abstract: bool = False  # the parameters are ``jax.ShapeDtypeStruct`` s (an abstract tree)
 
 
-def of(tree: Any, filter: Callable[[Any, Any], bool] | None,
-       sharding: Any) -> tuple[list[Any], Layout, Place]:
+def of(
+    tree: Any, filter: Callable[[Any, Any], bool] | None, sharding: Any
+) -> tuple[list[Any], Layout, Place]:
     """The tree's leaves (walk order), its layout (interned) and where its
     parameters are."""
     leaves, st = structure(tree)
@@ -257,8 +270,9 @@ except ImportError:  # pragma: no cover
     pass
 
 
-def build(leaves: list[Any], st: Structure, filter: Callable[[Any, Any], bool] | None,
-          sharding: Any) -> tuple[Layout, Place]:
+def build(
+    leaves: list[Any], st: Structure, filter: Callable[[Any, Any], bool] | None, sharding: Any
+) -> tuple[Layout, Place]:
     """The layout of a tree with these leaves (walk order), and where its
     parameters are: one pass over the leaves, one over the parameters.
 
@@ -281,11 +295,15 @@ def build(leaves: list[Any], st: Structure, filter: Callable[[Any, Any], bool] |
             kind = len(params)
             params.append(x)
         kinds.append(kind)
-    seen: dict[int, tuple[Any, int]] = {}  # distinct shardings, by id: equal ones are often one object
+    seen: dict[
+        int, tuple[Any, int]
+    ] = {}  # distinct shardings, by id: equal ones are often one object
     committed = traced = abstract = False
     known = 0  # parameters whose sharding is known
     for j, p in enumerate(params):
-        if type(p) is _ArrayImpl or (isinstance(p, jax.Array) and not isinstance(p, jax.core.Tracer)):
+        if type(p) is _ArrayImpl or (
+            isinstance(p, jax.Array) and not isinstance(p, jax.core.Tracer)
+        ):
             s = p.sharding
             committed = committed or p.committed
         elif isinstance(p, jax.ShapeDtypeStruct):
@@ -320,8 +338,15 @@ def build(leaves: list[Any], st: Structure, filter: Callable[[Any, Any], bool] |
     x64 = bool(jax.config.read("jax_enable_x64"))
     given = tuple([p.dtype for p in params])  # numpy dtypes (jax's too)
     held = {d: canonical(d, x64) for d in set(given)}  # few distinct dtypes
-    layout = Layout(st, tuple(kinds), tuple([tuple(p.shape) for p in params]),
-                    tuple([held[d] for d in given]), given, shardings, sharding)
+    layout = Layout(
+        st,
+        tuple(kinds),
+        tuple([tuple(p.shape) for p in params]),
+        tuple([held[d] for d in given]),
+        given,
+        shardings,
+        sharding,
+    )
     device = next(iter(devices)) if len(devices) == 1 and not spread else None
     return layout, Place(device, spread, committed, traced, abstract)
 

@@ -121,8 +121,14 @@ class _Chunk:
 
     __slots__ = ("items", "size", "ranges", "segs", "scatter", "cut")
 
-    def __init__(self, items: list[Rows], runs: list[Run], block: int, scatter: Any = None,
-                 order: list[tuple[int, int]] | None = None) -> None:
+    def __init__(
+        self,
+        items: list[Rows],
+        runs: list[Run],
+        block: int,
+        scatter: Any = None,
+        order: list[tuple[int, int]] | None = None,
+    ) -> None:
         self.items = tuple(items)
         self.ranges = tuple(_merge(runs))
         self.size = sum(r.length for r in self.ranges)
@@ -173,9 +179,17 @@ class _Moves:
     (parameters, or bands of rows of one) moved one at a time. Interned (see
     ``_moves``), so identity is equality: it is a primitive parameter."""
 
-    def __init__(self, mesh: Any, shapes: tuple[tuple[int, ...], ...], dtypes: tuple[Any, ...],
-                 dims: tuple[tuple[tuple[str, ...], ...], ...], dtype: Any,
-                 flat_axes: tuple[str, ...], specs: tuple[Any, ...], budget: int) -> None:
+    def __init__(
+        self,
+        mesh: Any,
+        shapes: tuple[tuple[int, ...], ...],
+        dtypes: tuple[Any, ...],
+        dims: tuple[tuple[tuple[str, ...], ...], ...],
+        dtype: Any,
+        flat_axes: tuple[str, ...],
+        specs: tuple[Any, ...],
+        budget: int,
+    ) -> None:
         self.mesh = mesh
         self.shapes = shapes
         self.dtypes = dtypes
@@ -189,9 +203,13 @@ class _Moves:
         self.length = sum(self.sizes)
         self.block = self.length // self.flat_devices
         self.starts = np.cumsum([0, *self.sizes])[:-1].tolist()
-        self.parts = [tuple(int(np.prod([size[a] for a in ax], dtype=np.int64)) for ax in d)
-                      for d in dims]
-        self.local = [tuple(s // m for s, m in zip(sh, pt, strict=True)) for sh, pt in zip(shapes, self.parts, strict=True)]
+        self.parts = [
+            tuple(int(np.prod([size[a] for a in ax], dtype=np.int64)) for ax in d) for d in dims
+        ]
+        self.local = [
+            tuple(s // m for s, m in zip(sh, pt, strict=True))
+            for sh, pt in zip(shapes, self.parts, strict=True)
+        ]
         self.flat_spec = specs[-1]  # as given: explicit types compare specs as written
         self.leaf_specs = specs[:-1]
         self.budget = budget
@@ -268,11 +286,15 @@ class _Moves:
             for a in range(a0, b0, width):
                 b = min(b0, a + width)
                 band = (b - a) * row_size  # elements of the band in one row block
-                runs = [Run(c * band, self.starts[i] + (c * rows + a) * row_size, band)
-                        for c in range(row_blocks)]
+                runs = [
+                    Run(c * band, self.starts[i] + (c * rows + a) * row_size, band)
+                    for c in range(row_blocks)
+                ]
                 if fits:
                     q = band // per_block  # device (r, c) gets piece r of row block c
-                    order = [(c * band + j * q, q) for j in range(per_block) for c in range(row_blocks)]
+                    order = [
+                        (c * band + j * q, q) for j in range(per_block) for c in range(row_blocks)
+                    ]
                     out.append(_Chunk([Rows(i, a, b)], runs, self.block, scatter, order))
                 else:
                     out.append(_Chunk([Rows(i, a, b)], runs, self.block))
@@ -280,8 +302,9 @@ class _Moves:
 
 
 @functools.lru_cache(maxsize=128)
-def _moves(mesh: Any, shapes: Any, dtypes: Any, dims: Any, dtype: Any, flat_axes: Any,
-          specs: Any) -> _Moves:
+def _moves(
+    mesh: Any, shapes: Any, dtypes: Any, dims: Any, dtype: Any, flat_axes: Any, specs: Any
+) -> _Moves:
     """The interned _Moves for these arguments. Cache validity: _Moves is a
     pure function of its (hashable, immutable) arguments, so a cached one
     equals a fresh one; and interning makes it usable as a primitive param."""
@@ -367,8 +390,15 @@ def _make_moves(shapes: Any, dtypes: Any, shardings: Any, dtype: Any, flat: Any)
     if n == 0 or n % k:
         return None
     specs = (*(s.spec for s in shardings), flat.spec)
-    return _moves(mesh, tuple(shapes), tuple(np.dtype(d) for d in dtypes), tuple(dims),
-                 np.dtype(dtype), tuple(fax), specs)
+    return _moves(
+        mesh,
+        tuple(shapes),
+        tuple(np.dtype(d) for d in dtypes),
+        tuple(dims),
+        np.dtype(dtype),
+        tuple(fax),
+        specs,
+    )
 
 
 # ---------------------------------------------------------- the moves
@@ -430,8 +460,9 @@ def _bits(x: Any) -> tuple[list[Any], Any]:
     out = []
     for p in planes:
         width = p.dtype.itemsize
-        u = lax.bitcast_convert_type(p, {1: jnp.uint8, 2: jnp.uint16, 4: jnp.uint32,
-                                         8: jnp.uint64}[width])
+        u = lax.bitcast_convert_type(
+            p, {1: jnp.uint8, 2: jnp.uint16, 4: jnp.uint32, 8: jnp.uint64}[width]
+        )
         out.append(u.astype(jnp.uint32) if width < 4 else u)
     return out, x.dtype
 
@@ -465,8 +496,10 @@ def _split_body(plan: _Moves, v: Any) -> list[Any]:
             planes, dt = _bits(c)
             if ch.scatter:
                 over, back = ch.scatter
-                planes = [lax.psum_scatter(p, _name(over), scatter_dimension=0, tiled=True)
-                          for p in planes]
+                planes = [
+                    lax.psum_scatter(p, _name(over), scatter_dimension=0, tiled=True)
+                    for p in planes
+                ]
                 if back:
                     planes = [lax.all_gather(p, _name(back), axis=0, tiled=True) for p in planes]
             else:
@@ -506,23 +539,34 @@ def _name(axes: tuple[str, ...]) -> Any:
 
 def _shard_mapped(plan: _Moves, forward: bool) -> Any:
     if forward:
-        return jax.shard_map(functools.partial(_concat_body, plan), mesh=plan.mesh,
-                             in_specs=plan.leaf_specs, out_specs=plan.flat_spec,
-                             check_vma=False)
-    return jax.shard_map(lambda v: _split_body(plan, v), mesh=plan.mesh,
-                         in_specs=plan.flat_spec, out_specs=list(plan.leaf_specs),
-                         check_vma=False)
+        return jax.shard_map(
+            functools.partial(_concat_body, plan),
+            mesh=plan.mesh,
+            in_specs=plan.leaf_specs,
+            out_specs=plan.flat_spec,
+            check_vma=False,
+        )
+    return jax.shard_map(
+        lambda v: _split_body(plan, v),
+        mesh=plan.mesh,
+        in_specs=plan.flat_spec,
+        out_specs=list(plan.leaf_specs),
+        check_vma=False,
+    )
 
 
 def _raw(*args: Any, plan: _Moves, forward: bool, batch: int) -> list[Any]:
     """The move itself, on ``batch`` leading (unsharded) batch axes."""
     fn = _shard_mapped(plan, forward)
     if forward:
+
         def run(*xs: Any) -> list[Any]:
             return [fn(*xs)]
     else:
+
         def run(*xs: Any) -> list[Any]:
             return list(fn(*xs))
+
     for _ in range(batch):
         run = jax.vmap(run)
     return run(*args)
@@ -538,7 +582,9 @@ def _impl(*args: Any, plan: _Moves, forward: bool, batch: int) -> Any:
     key = ("jit", forward, batch)  # memoised on the interned plan, freed with it
     fn = plan.memo.get(key)
     if fn is None:
-        fn = plan.memo[key] = jax.jit(functools.partial(_raw, plan=plan, forward=forward, batch=batch))
+        fn = plan.memo[key] = jax.jit(
+            functools.partial(_raw, plan=plan, forward=forward, batch=batch)
+        )
     return fn(*args)
 
 
@@ -606,6 +652,7 @@ def _explicit(sharding: Any) -> bool:
 
 def _plain_concat(params: list[Any], dtype: Any, flat_sharding: Any) -> jax.Array:
     """The reference concatenate, laid out as ``flat_sharding``."""
+
     def cat(*ps: Any) -> jax.Array:
         return _layout.concat(ps, dtype)
 
@@ -619,11 +666,15 @@ def _plain_concat(params: list[Any], dtype: Any, flat_sharding: Any) -> jax.Arra
 
 def _plain_split(v: Any, spec: Any, shardings: Any) -> list[Any]:
     """The reference split, each piece laid out as its entry of ``shardings``."""
+
     def cut(v: Any) -> list[Any]:
         return _layout.split(v, [shape for shape, _ in spec], [dt for _, dt in spec])
 
-    if v.ndim != 1 or _manual() or shardings is None or any(
-        not isinstance(s, jax.sharding.Sharding) for s in shardings
+    if (
+        v.ndim != 1
+        or _manual()
+        or shardings is None
+        or any(not isinstance(s, jax.sharding.Sharding) for s in shardings)
     ):
         return cut(v)  # batched rows: the layout is left to XLA
     if _explicit(shardings[0]):
@@ -651,7 +702,9 @@ def placement(layout: Layout) -> tuple[Any, Any]:
         spread = spread_sharding(layout.shapes, shardings)
         if asked is None:
             got = (spread, None)
-        elif mesh is not None and not (isinstance(asked, NamedSharding) and same_mesh(asked.mesh, mesh)):
+        elif mesh is not None and not (
+            isinstance(asked, NamedSharding) and same_mesh(asked.mesh, mesh)
+        ):
             got = (spread, asked)  # e.g. one device for the vector of a model sharded over a mesh
         else:
             got = (asked, None)
@@ -720,8 +773,7 @@ def _typeof_sharding(x: Any) -> Any:
     return s if _explicit(s) and isinstance(s, NamedSharding) else None
 
 
-def concat(params: list[Any], dtype: Any, flat_sharding: Any,
-           shardings: Any = None) -> jax.Array:
+def concat(params: list[Any], dtype: Any, flat_sharding: Any, shardings: Any = None) -> jax.Array:
     """The parameters raveled, cast to ``dtype`` and concatenated, laid out
     as ``flat_sharding``; bit-identical to ``jnp.concatenate``.
 
@@ -738,9 +790,13 @@ def concat(params: list[Any], dtype: Any, flat_sharding: Any,
     if len(given) != len(params):
         return _plain_concat(params, dtype, flat_sharding)
     typed = [_typeof_sharding(p) for p in params]
-    shardings = [_concrete(t if t is not None else s, flat_sharding) for t, s in zip(typed, given, strict=True)]
-    plan = _make_moves([tuple(p.shape) for p in params], [p.dtype for p in params],
-                      shardings, dtype, flat_sharding)
+    shardings = [
+        _concrete(t if t is not None else s, flat_sharding)
+        for t, s in zip(typed, given, strict=True)
+    ]
+    plan = _make_moves(
+        [tuple(p.shape) for p in params], [p.dtype for p in params], shardings, dtype, flat_sharding
+    )
     if plan is None:
         return _plain_concat(params, dtype, flat_sharding)
     (out,) = _p.bind(*params, plan=plan, forward=True, batch=0)
@@ -768,8 +824,13 @@ def split(v: Any, spec: Any, shardings: Any, flat_sharding: Any = None) -> list[
         flat_sharding = spread_sharding([shape for shape, _ in spec], shardings)
     flat_sharding = _concrete(flat_sharding, shardings[0])
     shardings = [_concrete(s, flat_sharding) for s in shardings]
-    plan = _make_moves([shape for shape, _ in spec], [dt for _, dt in spec], shardings,
-                      np.dtype(v.dtype), flat_sharding)
+    plan = _make_moves(
+        [shape for shape, _ in spec],
+        [dt for _, dt in spec],
+        shardings,
+        np.dtype(v.dtype),
+        flat_sharding,
+    )
     if plan is None or v.shape != (plan.length,):
         return _plain_split(v, spec, shardings)
     return _p.bind(v, plan=plan, forward=False, batch=0)  # type: ignore[no-any-return]

@@ -23,13 +23,14 @@ from ._predicates import _set_rule, refuse_root, register_mutable
 
 # Instance checks of nnx.Variable look inside hijax variables (and tracers).
 _HIJAX = getattr(nnx.variablelib, "HijaxVariable", None)
-register_mutable(nnx.Variable, per_instance=(_HIJAX,) if isinstance(_HIJAX, type) else (),
-                 wrapper=True)
+register_mutable(
+    nnx.Variable, per_instance=(_HIJAX,) if isinstance(_HIJAX, type) else (), wrapper=True
+)
 register_mutable(nnx.Pytree, hidden=(nnx.pytreelib.PytreeState,))
 _set_rule(nnx.Variable, ())
 _set_rule(nnx.Param, None)  # every child: the value
 refuse_root(
     linen.Module,
-    'a Flax Linen module holds no arrays; its parameters are in the variables that '
+    "a Flax Linen module holds no arrays; its parameters are in the variables that "
     'init returns: destructure(variables["params"]) (variables = model.init(key, x))',
 )

@@ -46,7 +46,9 @@ def resolve(path: Path, step: int | None, item: str | None) -> tuple[Path, list[
     keys = [k for k in (item or "").split("/") if k]
     if _is_item(path):
         if step is not None:
-            raise ValueError(f"{path} is one Orbax item, not a CheckpointManager folder: drop step={step}")
+            raise ValueError(
+                f"{path} is one Orbax item, not a CheckpointManager folder: drop step={step}"
+            )
         return path, keys, str(path)
     names, title = _items(path), str(path)
     if not names:
@@ -63,13 +65,17 @@ def resolve(path: Path, step: int | None, item: str | None) -> tuple[Path, list[
             step = found[-1]
             title = f"{path / str(step)} (latest of {len(found)} steps)"
         elif step not in found:
-            raise FileNotFoundError(f"{path} has no step {step}; its steps: {', '.join(map(str, found))}")
+            raise FileNotFoundError(
+                f"{path} has no step {step}; its steps: {', '.join(map(str, found))}"
+            )
         else:
             title = str(path / str(step))
         path = path / str(step)
         names = _items(path)
     elif step is not None:
-        raise ValueError(f"{path} is one step of a CheckpointManager, not its folder: drop step={step}")
+        raise ValueError(
+            f"{path} is one step of a CheckpointManager, not its folder: drop step={step}"
+        )
     if len(names) == 1 and (not keys or keys[0] != names[0]):
         return path / names[0], keys, title
     if not keys or keys[0] not in names:
@@ -148,7 +154,10 @@ def restore(folder: Path, target: Any) -> Any:
     restore_args = jax.tree.map(args, target, is_leaf=isleaf)
     with ocp.PyTreeCheckpointer() as ckptr:
         return ckptr.restore(
-            folder, args=ocp.args.PyTreeRestore(item=target, restore_args=restore_args, partial_restore=True)
+            folder,
+            args=ocp.args.PyTreeRestore(
+                item=target, restore_args=restore_args, partial_restore=True
+            ),
         )
 
 
@@ -164,7 +173,9 @@ def load(path: Path, like: Any, step: int | None, item: str | None) -> Any:
     flat = [abstract(x) for x in leaves]
     isarray = [is_array(x) for x in leaves]
     dev = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
-    targets = [f.update(sharding=dev) if a else x for f, x, a in zip(flat, leaves, isarray, strict=True)]
+    targets = [
+        f.update(sharding=dev) if a else x for f, x, a in zip(flat, leaves, isarray, strict=True)
+    ]
     if like is not None:
         m = match(like, jax.tree.unflatten(treedef, flat))
         raise_all(f"load: {title} does not fit `like`", m.problems)

@@ -38,11 +38,26 @@ class _Registry:
         self.version = 0
 
     def snapshot(self) -> tuple[Any, ...]:
-        return (self.leaves, self.mutable, self.hidden, self.per_instance, self.wrappers,
-                dict(self.refused), dict(self.trainable))
+        return (
+            self.leaves,
+            self.mutable,
+            self.hidden,
+            self.per_instance,
+            self.wrappers,
+            dict(self.refused),
+            dict(self.trainable),
+        )
 
     def restore(self, snap: tuple[Any, ...]) -> None:
-        self.leaves, self.mutable, self.hidden, self.per_instance, self.wrappers, refused, trainable = snap
+        (
+            self.leaves,
+            self.mutable,
+            self.hidden,
+            self.per_instance,
+            self.wrappers,
+            refused,
+            trainable,
+        ) = snap
         self.refused = dict(refused)
         self.trainable = dict(trainable)
         self.mutable_by_type = {}
@@ -96,8 +111,13 @@ def register_leaf(cls: type) -> type:
     return cls
 
 
-def register_mutable(cls: type, *, hidden: tuple[type, ...] = (),
-                     per_instance: tuple[type, ...] = (), wrapper: bool = False) -> None:
+def register_mutable(
+    cls: type,
+    *,
+    hidden: tuple[type, ...] = (),
+    per_instance: tuple[type, ...] = (),
+    wrapper: bool = False,
+) -> None:
     """Library hook (see ``_nnx``): instances of ``cls`` are mutable nodes,
     tied by identity; children of the ``hidden`` types are not shown to users;
     ``isinstance(x, cls)`` looks at more than ``type(x)`` for instances of
@@ -317,7 +337,9 @@ def trainable_mask(node: Any, pairs: list[tuple[Any, Any]]) -> tuple[list[bool],
         names = [keyname(k) for k, _ in pairs]
         unknown = [n for n in allowed if n not in names]
         if unknown:
-            real = ", ".join(repr(n) for n, (_, c) in zip(names, pairs, strict=True) if not is_hidden(c))
+            real = ", ".join(
+                repr(n) for n, (_, c) in zip(names, pairs, strict=True) if not is_hidden(c)
+            )
             raise ValueError(
                 f"register_trainable({type(node).__name__}, ...): "
                 f"{', '.join(map(repr, unknown))} is not a child of {type(node).__name__}; "

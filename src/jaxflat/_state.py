@@ -111,7 +111,11 @@ class _Matcher:
         if item[0] != FRAME:
             return {}
         fr = walk_.frames[item[1]]
-        return {P.keyname(k): (k, it) for k, it in zip(fr.keys, fr.items, strict=True) if not _hidden(it)}
+        return {
+            P.keyname(k): (k, it)
+            for k, it in zip(fr.keys, fr.items, strict=True)
+            if not _hidden(it)
+        }
 
     def _unvalue(self, s: Item) -> Item:
         """``{"value": x}`` (Orbax's layout of an nnx.State) stands for ``x``."""
@@ -122,7 +126,12 @@ class _Matcher:
 
     def _item(self, d: Item, s: Item, path: tuple[Any, ...]) -> None:
         kind, i = d
-        if kind == LEAF and _isarray(self.w.leaves[i]) or kind == FRAME and P.is_wrapper(self.w.frames[i].node):
+        if (
+            kind == LEAF
+            and _isarray(self.w.leaves[i])
+            or kind == FRAME
+            and P.is_wrapper(self.w.frames[i].node)
+        ):
             s = self._unvalue(s)
         if kind == LEAF:
             self._leaf(i, self.w.leaves[i], s, path)
@@ -134,10 +143,12 @@ class _Matcher:
     def _frame(self, fr: Frame, d: Item, s: Item, path: tuple[Any, ...]) -> None:
         src = self._value(s)
         if P.is_wrapper(fr.node) and not P.is_wrapper(src):
-            (k, it), = self._named(self.w, d).values()  # a Variable's state is its value
+            ((k, it),) = self._named(self.w, d).values()  # a Variable's state is its value
             return self._item(it, s, (*path, k))
         if s[0] == LEAF or src is None:
-            self.problems.append(f"{where(path)}: cannot load {_describe(src)} into a {type(fr.node).__name__}")
+            self.problems.append(
+                f"{where(path)}: cannot load {_describe(src)} into a {type(fr.node).__name__}"
+            )
             return
         theirs = self._named(self.src, s)
         by_text = {str(n): n for n in theirs}  # int keys that went through text
@@ -162,7 +173,7 @@ class _Matcher:
     def _empty(self, d: Any, s: Item, path: tuple[Any, ...]) -> None:
         src = self._value(s)
         if d is None and P.is_wrapper(src):  # a Variable's state is its value
-            (_, s), = self._named(self.src, s).values()
+            ((_, s),) = self._named(self.src, s).values()
             src = self._value(s)
         if d is None and s[0] == LEAF and _isarray(src):  # an inactive parameter (bias=None)
             self.zero_checks.append((src, path))
@@ -177,9 +188,13 @@ class _Matcher:
             elif _inactive(src):
                 self._assign(i, None, path)
             elif s[0] != LEAF or not _isarray(src):
-                self.problems.append(f"{where(path)}: cannot load {_describe(src)} into {describe(d)}")
+                self.problems.append(
+                    f"{where(path)}: cannot load {_describe(src)} into {describe(d)}"
+                )
             elif _iskey(src) != _iskey(d) or (_iskey(src) and src.dtype != d.dtype):
-                self.problems.append(f"{where(path)}: cannot load {describe(src)} into {describe(d)}")
+                self.problems.append(
+                    f"{where(path)}: cannot load {describe(src)} into {describe(d)}"
+                )
             elif tuple(src.shape) != tuple(d.shape):
                 self.problems.append(
                     f"{where(path)}: cannot load shape {tuple(src.shape)} into {tuple(d.shape)}"
@@ -190,7 +205,9 @@ class _Matcher:
             if d is False:
                 self.zero_checks.append((src, path))
             else:
-                self.problems.append(f"{where(path)}: cannot load {describe(src)} into {describe(d)}")
+                self.problems.append(
+                    f"{where(path)}: cannot load {describe(src)} into {describe(d)}"
+                )
 
     def _assign(self, i: int, s: Any, path: tuple[Any, ...]) -> None:
         if i in self.assigned:
@@ -209,8 +226,10 @@ def _hidden(it: Item) -> bool:
 
 def _describe(x: Any) -> str:
     if P.is_wrapper(x):
-        return (f"an nnx.{type(x).__name__} wrapper (src holds nnx Variables where dst holds "
-                "arrays: are dst and src swapped? loadmodel(dst, src) loads src into dst)")
+        return (
+            f"an nnx.{type(x).__name__} wrapper (src holds nnx Variables where dst holds "
+            "arrays: are dst and src swapped? loadmodel(dst, src) loads src into dst)"
+        )
     return describe(x)
 
 
@@ -242,7 +261,11 @@ def _place(d: Any, s: Any) -> Any:
     """``s`` with ``d``'s dtype, kind (numpy or jax) and device/sharding;
     or ``(_MOVE, value, sharding)`` for a device_put left to the caller."""
     if s is None:
-        s = np.zeros(d.shape, d.dtype) if not jax.dtypes.issubdtype(d.dtype, jax.dtypes.prng_key) else d
+        s = (
+            np.zeros(d.shape, d.dtype)
+            if not jax.dtypes.issubdtype(d.dtype, jax.dtypes.prng_key)
+            else d
+        )
     dtype = d.dtype
     if isinstance(d, np.generic):
         return np.asarray(s).astype(dtype)[()]
@@ -251,7 +274,11 @@ def _place(d: Any, s: Any) -> Any:
     if isinstance(d, jax.core.Tracer) or isinstance(s, jax.core.Tracer):
         return jnp.asarray(s).astype(dtype)
     if s.dtype != dtype:
-        s = np.asarray(s).astype(dtype) if isinstance(s, np.ndarray) else jnp.asarray(s).astype(dtype)
+        s = (
+            np.asarray(s).astype(dtype)
+            if isinstance(s, np.ndarray)
+            else jnp.asarray(s).astype(dtype)
+        )
     sharding = getattr(d, "sharding", None)
     if sharding is None:
         return jnp.asarray(s)

@@ -53,14 +53,18 @@ def read_text(file: Path, limit: int = MAX_META_BYTES) -> str:
         fd = os.open(file, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
     except OSError as e:
         if e.errno == errno.ELOOP:
-            raise LoadError(f"{file} is a symbolic link; a checkpoint's files are never links") from None
+            raise LoadError(
+                f"{file} is a symbolic link; a checkpoint's files are never links"
+            ) from None
         raise
     try:
         st = os.fstat(fd)
         if not stat.S_ISREG(st.st_mode):
             raise LoadError(f"{file} is not a regular file")
         if st.st_size > limit:
-            raise LoadError(f"{file} holds {st.st_size} bytes, more than the {limit} a description may")
+            raise LoadError(
+                f"{file} holds {st.st_size} bytes, more than the {limit} a description may"
+            )
         data = bytearray()
         while chunk := os.read(fd, 1 << 20):
             data += chunk
@@ -175,7 +179,9 @@ def clean(path: Path) -> None:
     try:
         keep = set(VERSION.findall(read_text(path / META)))
     except (OSError, LoadError):  # no pointer (or a damaged one): keep every whole version
-        keep = {n for n in os.listdir(path) if VERSION.fullmatch(n)} if is_checkpoint(path) else set()
+        keep = (
+            {n for n in os.listdir(path) if VERSION.fullmatch(n)} if is_checkpoint(path) else set()
+        )
     for name in os.listdir(path):
         if name.startswith(f".{META}.tmp-"):
             with contextlib.suppress(FileNotFoundError):
@@ -231,7 +237,9 @@ def reading(path: Path, parse: Callable[[str], tuple[Any, str]]) -> Iterator[tup
             fd = os.open(folder, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW)
         except FileNotFoundError:
             if read_text(path / META) == text:
-                raise LoadError(f"{path}: corrupt checkpoint: its folder {version}/ is missing") from None
+                raise LoadError(
+                    f"{path}: corrupt checkpoint: its folder {version}/ is missing"
+                ) from None
             continue  # replaced and removed since the pointer was read
         except OSError as e:
             raise LoadError(f"{folder} is not a folder (a link, or a file): {e.strerror}") from None
@@ -247,4 +255,6 @@ def reading(path: Path, parse: Callable[[str], tuple[Any, str]]) -> Iterator[tup
             return
         finally:
             os.close(fd)
-    raise LoadError(f"{path}: replaced by other saves {READ_RETRIES} times while it was read; try again")
+    raise LoadError(
+        f"{path}: replaced by other saves {READ_RETRIES} times while it was read; try again"
+    )

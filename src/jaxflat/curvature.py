@@ -180,7 +180,9 @@ def _check_x(name: str, x: Any) -> None:
 
 def _check_f(name: str, f: Any) -> None:
     if not callable(f):
-        raise TypeError(f"{name}: f must be a function of x (or curvature.ggn(...)), got {type(f).__name__}")
+        raise TypeError(
+            f"{name}: f must be a function of x (or curvature.ggn(...)), got {type(f).__name__}"
+        )
     try:
         hash(f)
     except TypeError:
@@ -192,7 +194,9 @@ def _check_f(name: str, f: Any) -> None:
 
 def _check_int(name: str, arg: str, value: Any, low: int) -> int:
     if isinstance(value, bool) or not isinstance(value, int | np.integer):
-        raise TypeError(f"{name}: {arg} must be an integer >= {low}, got {value!r} ({type(value).__name__})")
+        raise TypeError(
+            f"{name}: {arg} must be an integer >= {low}, got {value!r} ({type(value).__name__})"
+        )
     if value < low:
         raise ValueError(f"{name}: {arg} must be an integer >= {low}, got {value!r}")
     return int(value)
@@ -208,13 +212,20 @@ def _check_key(name: str, key: Any) -> None:
     typed = isinstance(key, jax.Array) and jnp.issubdtype(key.dtype, jax.dtypes.prng_key)
     legacy = isinstance(key, jax.Array) and key.dtype == jnp.uint32 and key.shape == (2,)
     if not ((typed and key.shape == ()) or legacy):
-        got = f"{key!r:.60}" if not isinstance(key, jax.Array) else f"an array {key.dtype}{list(key.shape)}"
-        raise TypeError(f"{name}: key must be one jax.random key, e.g. jax.random.key(0), got {got}")
+        got = (
+            f"{key!r:.60}"
+            if not isinstance(key, jax.Array)
+            else f"an array {key.dtype}{list(key.shape)}"
+        )
+        raise TypeError(
+            f"{name}: key must be one jax.random key, e.g. jax.random.key(0), got {got}"
+        )
 
 
 def _check_tol(name: str, tol: Any) -> Any:
     if isinstance(tol, bool) or not (
-        isinstance(tol, numbers.Real) or (isinstance(tol, jax.Array | np.ndarray) and tol.shape == ())
+        isinstance(tol, numbers.Real)
+        or (isinstance(tol, jax.Array | np.ndarray) and tol.shape == ())
     ):
         raise TypeError(f"{name}: tol must be a number >= 0, got {tol!r} ({type(tol).__name__})")
     if not isinstance(tol, jax.core.Tracer) and not float(tol) >= 0:
@@ -329,7 +340,9 @@ def _lay(sharding: NamedSharding | None, v: Array) -> Array:
         return v
     spec = PartitionSpec(*([None] * (v.ndim - 1)), *sharding.spec)
     target = NamedSharding(sharding.mesh, spec)
-    names = [a for p in sharding.spec if p is not None for a in (p if isinstance(p, tuple) else (p,))]
+    names = [
+        a for p in sharding.spec if p is not None for a in (p if isinstance(p, tuple) else (p,))
+    ]
     types = dict(zip(sharding.mesh.axis_names, sharding.mesh.axis_types, strict=True))
     if names and all(types[a] == AxisType.Explicit for a in names):
         return jax.sharding.reshard(v, target)
@@ -374,7 +387,9 @@ def _device_product(op: Any, x: Array, vs: Array, data: _Data, arrays: Any) -> A
 
 
 @partial(jax.jit, static_argnames=("op", "plan"))
-def _accumulate(op: Any, x: Array, vs: Array, acc: Array, size: Array, arrays: Any, plan: _Plan) -> Array:
+def _accumulate(
+    op: Any, x: Array, vs: Array, acc: Array, size: Array, arrays: Any, plan: _Plan
+) -> Array:
     return acc + size * _products(op, x, vs, _rebuild(plan, arrays))
 
 
@@ -386,7 +401,9 @@ def _stream_product(name: str, op: Any, x: Array, vs: Array, data: Any) -> Array
         acc = _accumulate(op, x, vs, acc, jnp.asarray(size, x.dtype), arrays, plan)
         total += size
     if total == 0:
-        raise ValueError(f"{name}: data= yielded no batches; pass at least one batch (or data=None)")
+        raise ValueError(
+            f"{name}: data= yielded no batches; pass at least one batch (or data=None)"
+        )
     return acc / total
 
 
@@ -394,7 +411,9 @@ def _dtype(x: Array) -> Any:
     return jnp.promote_types(x.dtype, jnp.float32)
 
 
-def _product_fn(name: str, op: Any, x: Array, data: _Data, arrays: Any, sharding: Any) -> Callable[[Array], Array]:
+def _product_fn(
+    name: str, op: Any, x: Array, data: _Data, arrays: Any, sharding: Any
+) -> Callable[[Array], Array]:
     """``vs (b, n) -> products (b, n)`` in the working dtype, laid out like x."""
     dt = _dtype(x)
     if data.kind == "streamed":
@@ -413,8 +432,11 @@ def _report(name: str, products: Any, estimate: Any, final: Any) -> None:
         _last_report[0] = now
         est = np.array2string(np.asarray(estimate), precision=6, separator=", ", threshold=8)
         word = "done" if bool(final) else "running"
-        print(f"jaxflat.curvature.{name}: {word}, {int(products)} products, estimate {est}",
-              file=sys.stderr, flush=True)
+        print(
+            f"jaxflat.curvature.{name}: {word}, {int(products)} products, estimate {est}",
+            file=sys.stderr,
+            flush=True,
+        )
 
 
 def _progress(on: bool, name: str, products: Any, estimate: Any, final: bool = False) -> None:
@@ -585,8 +607,11 @@ def _noise(seed: Array, step: Array, shape: tuple[int, ...], dtype: Any, shardin
     a fraction of the time of ``jax.random`` inside a loop body."""
     u32 = jnp.uint32
     i = jnp.arange(shape[1], dtype=u32)[None, :] * u32(0x9E3779B1)
-    h = i + (jnp.arange(shape[0], dtype=u32)[:, None] * u32(0x85EBCA77)
-             + step.astype(u32) * u32(0xC2B2AE3D) + seed.astype(u32))
+    h = i + (
+        jnp.arange(shape[0], dtype=u32)[:, None] * u32(0x85EBCA77)
+        + step.astype(u32) * u32(0xC2B2AE3D)
+        + seed.astype(u32)
+    )
     for shift, mul in ((16, 0x7FEB352D), (15, 0x846CA68B)):
         h = (h ^ (h >> u32(shift))) * u32(mul)
     h = h ^ (h >> u32(16))
@@ -599,7 +624,9 @@ def _project_out(q: Array, w: Array, sharding: Any = None) -> Array:
     return w
 
 
-def _new_block(q: Array, r: Array, u: Array, thresh: Array, sharding: Any = None) -> tuple[Array, Array]:
+def _new_block(
+    q: Array, r: Array, u: Array, thresh: Array, sharding: Any = None
+) -> tuple[Array, Array]:
     """Orthonormal rows spanning ``r`` (rows already orthogonal to q), by Gram-Schmidt.
 
     A row that adds less than ``thresh`` (an invariant subspace, or a
@@ -639,10 +666,21 @@ def _eig_init(x: Array, key: Array, cfg: _EigCfg) -> _EigState:
     q = _lay(cfg.sharding, q.at[: cfg.b].set(block))
     live = jnp.zeros(cfg.cap, bool).at[: cfg.b].set(~dead)
     z = jnp.zeros(cfg.k, dt)
-    return _EigState(q, jnp.zeros((cfg.cap, cfg.cap), dt), jnp.zeros((), jnp.int32), live, z,
-                     jnp.zeros((cfg.cap, cfg.k), dt), z, jnp.full(cfg.k, jnp.inf, dt),
-                     jnp.zeros((), jnp.int32), jnp.zeros((), dt), jnp.zeros((), bool),
-                     jnp.zeros((), bool), seed)
+    return _EigState(
+        q,
+        jnp.zeros((cfg.cap, cfg.cap), dt),
+        jnp.zeros((), jnp.int32),
+        live,
+        z,
+        jnp.zeros((cfg.cap, cfg.k), dt),
+        z,
+        jnp.full(cfg.k, jnp.inf, dt),
+        jnp.zeros((), jnp.int32),
+        jnp.zeros((), dt),
+        jnp.zeros((), bool),
+        jnp.zeros((), bool),
+        seed,
+    )
 
 
 def _eig_block(st: _EigState, cfg: _EigCfg) -> Array:
@@ -664,7 +702,9 @@ def _eig_step(st: _EigState, w: Array, tol: Any, cfg: _EigCfg) -> _EigState:
     u = _noise(st.seed, st.matvecs, w.shape, dt, cfg.sharding)
     new, dead = _new_block(q, _project_out(q, w, cfg.sharding), u, 100 * eps * scale, cfg.sharding)
     new = _lay(cfg.sharding, new)
-    coupling = _gram(new, w, cfg.sharding)  # (b, b): the new block's coupling to the one just multiplied
+    coupling = _gram(
+        new, w, cfg.sharding
+    )  # (b, b): the new block's coupling to the one just multiplied
     s1 = s + b
     theta, u, valid = _ritz(t, (jnp.arange(cap) < s1) & st.live)
     low = k // 2 if cfg.which == "BE" else 0
@@ -694,7 +734,11 @@ def _eig_step(st: _EigState, w: Array, tol: Any, cfg: _EigCfg) -> _EigState:
         ok = valid[kept]
         y = jnp.where(ok[:, None], u[:, kept].T @ q, 0)
         q1 = jnp.zeros_like(q).at[: cfg.keep].set(y).at[cfg.keep : cfg.keep + b].set(new)
-        t1 = jnp.zeros_like(t).at[: cfg.keep, : cfg.keep].set(jnp.diag(jnp.where(ok, theta[kept], 0)))
+        t1 = (
+            jnp.zeros_like(t)
+            .at[: cfg.keep, : cfg.keep]
+            .set(jnp.diag(jnp.where(ok, theta[kept], 0)))
+        )
         live = jnp.zeros(cap, bool).at[: cfg.keep].set(ok).at[cfg.keep : cfg.keep + b].set(~dead)
         return _lay(cfg.sharding, q1), t1, jnp.asarray(cfg.keep, s1.dtype), live
 
@@ -703,19 +747,28 @@ def _eig_step(st: _EigState, w: Array, tol: Any, cfg: _EigCfg) -> _EigState:
 
     branch = jnp.where(done, 0, jnp.where(s1 + b <= cap, 1, 2))
     q, t, s_next, live = jax.lax.switch(branch, [same, grow, restart])
-    return _EigState(q, t, s_next, live, vals, coef, res, change, matvecs, scale, done,
-                     converged, st.seed)
+    return _EigState(
+        q, t, s_next, live, vals, coef, res, change, matvecs, scale, done, converged, st.seed
+    )
 
 
 def _eig_finish(st: _EigState, cfg: _EigCfg) -> tuple[Array, Array, EigenInfo]:
     order = jnp.argsort(-st.vals)
     vecs = st.coef[:, order].T @ st.q
-    vecs = vecs / jnp.maximum(jnp.linalg.norm(vecs, axis=1, keepdims=True), jnp.finfo(vecs.dtype).tiny)
+    vecs = vecs / jnp.maximum(
+        jnp.linalg.norm(vecs, axis=1, keepdims=True), jnp.finfo(vecs.dtype).tiny
+    )
     _progress(cfg.progress, "eigenvalues", st.matvecs, st.vals[order], final=True)
-    return st.vals[order], _lay(cfg.sharding, vecs), EigenInfo(st.matvecs, st.converged, st.res[order])
+    return (
+        st.vals[order],
+        _lay(cfg.sharding, vecs),
+        EigenInfo(st.matvecs, st.converged, st.res[order]),
+    )
 
 
-def _eig_impl(product: Callable[[Array], Array], x: Array, key: Array, tol: Any, cfg: _EigCfg) -> Any:
+def _eig_impl(
+    product: Callable[[Array], Array], x: Array, key: Array, tol: Any, cfg: _EigCfg
+) -> Any:
     st = _eig_init(x, key, cfg)
     st = jax.lax.while_loop(
         lambda st: ~st.done, lambda st: _eig_step(st, product(_eig_block(st, cfg)), tol, cfg), st
@@ -724,8 +777,12 @@ def _eig_impl(product: Callable[[Array], Array], x: Array, key: Array, tol: Any,
 
 
 @partial(jax.jit, static_argnames=("op", "cfg", "data"))
-def _eig_compiled(op: Any, x: Array, key: Array, tol: Any, arrays: Any, *, cfg: _EigCfg, data: _Data) -> Any:
-    return _eig_impl(_product_fn("eigenvalues", op, x, data, arrays, cfg.sharding), x, key, tol, cfg)
+def _eig_compiled(
+    op: Any, x: Array, key: Array, tol: Any, arrays: Any, *, cfg: _EigCfg, data: _Data
+) -> Any:
+    return _eig_impl(
+        _product_fn("eigenvalues", op, x, data, arrays, cfg.sharding), x, key, tol, cfg
+    )
 
 
 _eig_init_jit = jax.jit(_eig_init, static_argnames=("cfg",))
@@ -734,7 +791,9 @@ _eig_block_jit = jax.jit(_eig_block, static_argnames=("cfg",))
 _eig_finish_jit = jax.jit(_eig_finish, static_argnames=("cfg",))
 
 
-def _eig_stepper(product: Callable[[Array], Array], x: Array, key: Array, tol: Any, cfg: _EigCfg) -> Any:
+def _eig_stepper(
+    product: Callable[[Array], Array], x: Array, key: Array, tol: Any, cfg: _EigCfg
+) -> Any:
     st = _eig_init_jit(x, key, cfg=cfg)
     while not bool(st.done):
         st = _eig_step_jit(st, product(_eig_block_jit(st, cfg=cfg)), tol, cfg=cfg)
@@ -844,8 +903,17 @@ def eigenvalues(
     keep = max(k, (cap - b) // 2)
     prepared = _prepare("eigenvalues", data)
     cfg = _EigCfg(n, k, b, cap, keep, which, iters * k, _layout_of(x), progress)
-    vals, vecs, out_info = _run("eigenvalues", f, x, prepared, _eig_compiled, _eig_impl, _eig_stepper,
-                                (key, jnp.asarray(tol, _dtype(x))), cfg)
+    vals, vecs, out_info = _run(
+        "eigenvalues",
+        f,
+        x,
+        prepared,
+        _eig_compiled,
+        _eig_impl,
+        _eig_stepper,
+        (key, jnp.asarray(tol, _dtype(x))),
+        cfg,
+    )
     return (vals, vecs, out_info) if info else (vals, vecs)
 
 
@@ -918,7 +986,9 @@ def _hutch_impl(product: Callable[[Array], Array], x: Array, key: Array, cfg: _H
 
 
 @partial(jax.jit, static_argnames=("op", "cfg", "data"))
-def _hutch_compiled(op: Any, x: Array, key: Array, arrays: Any, *, cfg: _HutchCfg, data: _Data) -> Any:
+def _hutch_compiled(
+    op: Any, x: Array, key: Array, arrays: Any, *, cfg: _HutchCfg, data: _Data
+) -> Any:
     name = "diagonal" if cfg.diag else "trace"
     return _hutch_impl(_product_fn(name, op, x, data, arrays, cfg.sharding), x, key, cfg)
 
@@ -938,8 +1008,17 @@ def _hutch_stepper(product: Callable[[Array], Array], x: Array, key: Array, cfg:
     return _hutch_finish_jit(m, cfg=cfg)
 
 
-def _hutchinson(name: str, f: Any, x: Array, key: Array, samples: Any, data: Any, info: Any,
-                progress: Any, block: Any) -> Any:
+def _hutchinson(
+    name: str,
+    f: Any,
+    x: Array,
+    key: Array,
+    samples: Any,
+    data: Any,
+    info: Any,
+    progress: Any,
+    block: Any,
+) -> Any:
     _check_f(name, f)
     _check_x(name, x)
     _check_key(name, key)
@@ -948,8 +1027,12 @@ def _hutchinson(name: str, f: Any, x: Array, key: Array, samples: Any, data: Any
     info = _check_bool(name, "info", info)
     progress = _check_bool(name, "progress", progress)
     prepared = _prepare(name, data)
-    cfg = _HutchCfg(x.shape[0], samples, min(block, samples), name == "diagonal", _layout_of(x), progress)
-    est, out_info = _run(name, f, x, prepared, _hutch_compiled, _hutch_impl, _hutch_stepper, (key,), cfg)
+    cfg = _HutchCfg(
+        x.shape[0], samples, min(block, samples), name == "diagonal", _layout_of(x), progress
+    )
+    est, out_info = _run(
+        name, f, x, prepared, _hutch_compiled, _hutch_impl, _hutch_stepper, (key,), cfg
+    )
     return (est, out_info) if info else est
 
 
@@ -1099,12 +1182,18 @@ def _dens_step(st: _LanState, w: Array, cfg: _DensCfg) -> _LanState:
     j, q = st.j, st.q
     basis = st.basis
 
-    explicit = cfg.sharding is not None and any(t == AxisType.Explicit for t in cfg.sharding.mesh.axis_types)
-    replicated: dict[str, Any] = {"out_sharding": NamedSharding(cfg.sharding.mesh, PartitionSpec())} if explicit else {}
+    explicit = cfg.sharding is not None and any(
+        t == AxisType.Explicit for t in cfg.sharding.mesh.axis_types
+    )
+    replicated: dict[str, Any] = (
+        {"out_sharding": NamedSharding(cfg.sharding.mesh, PartitionSpec())} if explicit else {}
+    )
 
     def project(v: Array) -> Array:  # classical Gram-Schmidt against each run's basis, twice
         for _ in range(2):
-            v = v - jnp.einsum("rk,rkn->rn", jnp.einsum("rkn,rn->rk", basis, v, **replicated), basis)
+            v = v - jnp.einsum(
+                "rk,rkn->rn", jnp.einsum("rkn,rn->rk", basis, v, **replicated), basis
+            )
         return v
 
     if cfg.r:
@@ -1126,7 +1215,9 @@ def _dens_step(st: _LanState, w: Array, cfg: _DensCfg) -> _LanState:
     beta = jnp.where(broke, 0, beta)
     alphas, betas = st.alphas.at[:, j].set(alpha), st.betas.at[:, j].set(beta)
     _progress(cfg.progress, "density", (j + 1) * cfg.runs, alpha)
-    return _LanState(j + 1, _lay(cfg.sharding, q_next), q, beta, alphas, betas, basis, scale, st.seed)
+    return _LanState(
+        j + 1, _lay(cfg.sharding, q_next), q, beta, alphas, betas, basis, scale, st.seed
+    )
 
 
 def _dens_finish(st: _LanState, cfg: _DensCfg) -> tuple[Array, Array]:
@@ -1150,13 +1241,16 @@ def _dens_finish(st: _LanState, cfg: _DensCfg) -> tuple[Array, Array]:
 
 
 def _dens_impl(product: Callable[[Array], Array], x: Array, key: Array, cfg: _DensCfg) -> Any:
-    st = jax.lax.fori_loop(0, cfg.m, lambda _, st: _dens_step(st, product(st.q), cfg),
-                           _dens_init(x, key, cfg))
+    st = jax.lax.fori_loop(
+        0, cfg.m, lambda _, st: _dens_step(st, product(st.q), cfg), _dens_init(x, key, cfg)
+    )
     return _dens_finish(st, cfg)
 
 
 @partial(jax.jit, static_argnames=("op", "cfg", "data"))
-def _dens_compiled(op: Any, x: Array, key: Array, arrays: Any, *, cfg: _DensCfg, data: _Data) -> Any:
+def _dens_compiled(
+    op: Any, x: Array, key: Array, arrays: Any, *, cfg: _DensCfg, data: _Data
+) -> Any:
     return _dens_impl(_product_fn("density", op, x, data, arrays, cfg.sharding), x, key, cfg)
 
 
@@ -1248,8 +1342,10 @@ def density(
     progress = _check_bool("density", "progress", progress)
     if sigma is not None:
         if isinstance(sigma, bool) or not isinstance(sigma, numbers.Real):
-            raise TypeError(f"density: sigma must be a positive number or None, got {sigma!r} "
-                            f"({type(sigma).__name__})")
+            raise TypeError(
+                f"density: sigma must be a positive number or None, got {sigma!r} "
+                f"({type(sigma).__name__})"
+            )
         if not (float(sigma) > 0 and np.isfinite(float(sigma))):
             raise ValueError(f"density: sigma must be a positive number or None, got {sigma!r}")
         sigma = float(sigma)
