@@ -732,8 +732,11 @@ def _eig_step(st: _EigState, w: Array, tol: Any, cfg: _EigCfg) -> _EigState:
     def restart() -> tuple[Array, Array, Array, Array]:
         kept = _select(theta, valid, cfg.which, cfg.keep, cfg.keep // 2 if low else 0)
         ok = valid[kept]
-        y = jnp.where(ok[:, None], u[:, kept].T @ q, 0)
-        q1 = jnp.zeros_like(q).at[: cfg.keep].set(y).at[cfg.keep : cfg.keep + b].set(new)
+        y = jnp.where(ok[:, None], u[:, kept].T @ q, 0)  # (keep, n): the only new rows
+        # q is rewritten in place (no second (cap, n) buffer): kept Ritz vectors, the new
+        # block, zero rows after it.
+        q1 = q.at[: cfg.keep].set(y).at[cfg.keep : cfg.keep + b].set(new)
+        q1 = jnp.where((jnp.arange(cap) < cfg.keep + b)[:, None], q1, 0)
         t1 = (
             jnp.zeros_like(t)
             .at[: cfg.keep, : cfg.keep]
