@@ -1,5 +1,6 @@
 """The notebooks run top to bottom (CI executes them, so they cannot rot)."""
 
+import re
 import time
 from pathlib import Path
 
@@ -18,6 +19,19 @@ def check_flat_and_nested(nb, text):
 def check_curvature(nb, text):
     assert "first step with sharpness >= 2/lr" in text  # the sharpness reached 2 / lr
     assert text.count("mass 1.000") == 2  # both densities integrate to 1
+    # sharpness tracked every few steps: only the first call compiles
+    first, later = re.search(
+        r"first call ([\d.]+) s \(compiles\), then (\d+) ms per call", text
+    ).groups()
+    assert float(later) / 1e3 < float(first) / 5
+    assert re.search(r"smallest eigenvalues \[[-\d., ]+\]: converged True", text)
+    # per-layer traces from re(diagonal) add up to the whole
+    layers = [float(t) for t in re.findall(r"\.value\s+trace\s+(-?[\d.]+)", text)]
+    total = float(re.search(r"all layers\s+trace\s+(-?[\d.]+)", text).group(1))
+    assert len(layers) == 6 and abs(sum(layers) - total) < 0.01
+    # the Gauss-Newton matrix is positive semi-definite
+    ggn = re.search(r"Gauss-Newton top 3 eigenvalues \[([^\]]+)\]", text).group(1)
+    assert all(float(g) >= 0 for g in ggn.split(","))
 
 
 CHECKS = {"flat_and_nested.ipynb": check_flat_and_nested, "curvature.ipynb": check_curvature}
