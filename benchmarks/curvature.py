@@ -148,14 +148,12 @@ def gpt2_config(quick: bool) -> dict[str, int]:
     return dict(vocab=50257, ctx=1024, d=768, heads=12, layers=12, batch=2, seq=32)
 
 
-def gpt2_problem(quick: bool) -> tuple[Any, Any, str, Any]:
-    """A GPT-2-small-shaped NNX transformer (tied embedding), next-token loss on random tokens."""
+def gpt2_model(quick: bool) -> tuple[Any, dict[str, int], Any]:
+    """A GPT-2-small-shaped NNX transformer (tied embedding) and random tokens
+    (batch, seq + 1); also used by ``sections/compile.py``."""
     import jax
     import jax.numpy as jnp
-    import optax
     from flax import nnx
-
-    import jaxflat
 
     c = gpt2_config(quick)
 
@@ -186,9 +184,20 @@ def gpt2_problem(quick: bool) -> tuple[Any, Any, str, Any]:
             return self.wte.attend(self.ln_f(x))  # tied: logits from the embedding
 
     model = GPT(nnx.Rngs(0))
+    tokens = jax.random.randint(jax.random.key(1), (c["batch"], c["seq"] + 1), 0, c["vocab"])
+    return model, c, tokens
+
+
+def gpt2_problem(quick: bool) -> tuple[Any, Any, str, Any]:
+    """The GPT-2-sized model's next-token loss on random tokens, over its flat vector."""
+    import jax
+    import optax
+
+    import jaxflat
+
+    model, c, tokens = gpt2_model(quick)
     flat, re = jaxflat.destructure(model)
     del model
-    tokens = jax.random.randint(jax.random.key(1), (c["batch"], c["seq"] + 1), 0, c["vocab"])
 
     def f(v: jax.Array) -> jax.Array:
         logits = re(v)(tokens[:, :-1])

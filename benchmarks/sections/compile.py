@@ -22,41 +22,11 @@ def compile_s(fn: Any, arg: Any) -> float:
 
 def gpt2_step(quick: bool, reps: int) -> dict[str, Any]:
     """Steady time of one jitted SGD step, nested (on ``nnx.state``) and flat."""
-    import jax.numpy as jnp
     import optax
-    from curvature import gpt2_config
+    from curvature import gpt2_model
     from flax import nnx
 
-    c = gpt2_config(quick)
-
-    class Block(nnx.Module):
-        def __init__(self, d: int, heads: int, rngs: nnx.Rngs) -> None:
-            self.ln1 = nnx.LayerNorm(d, rngs=rngs)
-            self.attn = nnx.MultiHeadAttention(heads, d, decode=False, rngs=rngs)
-            self.ln2 = nnx.LayerNorm(d, rngs=rngs)
-            self.up = nnx.Linear(d, 4 * d, rngs=rngs)
-            self.down = nnx.Linear(4 * d, d, rngs=rngs)
-
-        def __call__(self, x: jax.Array, mask: jax.Array) -> jax.Array:
-            x = x + self.attn(self.ln1(x), mask=mask)
-            return x + self.down(jax.nn.gelu(self.up(self.ln2(x))))
-
-    class GPT(nnx.Module):
-        def __init__(self, rngs: nnx.Rngs) -> None:
-            self.wte = nnx.Embed(c["vocab"], c["d"], rngs=rngs)
-            self.wpe = nnx.Embed(c["ctx"], c["d"], rngs=rngs)
-            self.blocks = nnx.List([Block(c["d"], c["heads"], rngs) for _ in range(c["layers"])])
-            self.ln_f = nnx.LayerNorm(c["d"], rngs=rngs)
-
-        def __call__(self, tokens: jax.Array) -> jax.Array:
-            x = self.wte(tokens) + self.wpe(jnp.arange(tokens.shape[1]))[None]
-            mask = nnx.make_causal_mask(tokens)
-            for block in self.blocks:
-                x = block(x, mask)
-            return self.wte.attend(self.ln_f(x))
-
-    model = GPT(nnx.Rngs(0))
-    tokens = jax.random.randint(jax.random.key(1), (c["batch"], c["seq"] + 1), 0, c["vocab"])
+    model, _, tokens = gpt2_model(quick)
 
     def loss(m: Any) -> jax.Array:
         logits = m(tokens[:, :-1])
