@@ -197,9 +197,9 @@ def _split(layout: Layout, v: jax.Array) -> list[Any]:
     if path == "traced":
         return _mesh.rebuild(layout, v)
     if path == "mesh":
-        target = _mesh.placement(layout)[1]
-        if target is not None:
-            v = jax.device_put(v, _mesh.placement(layout)[0])
+        flat_sharding, target = _mesh.placement(layout)
+        if target is not None:  # v was put on ``sharding=``: back onto the mesh for the moves
+            v = jax.device_put(v, flat_sharding)
         return _state(layout, "mesh split", lambda: _jit(_mesh.rebuild, layout))(v)  # type: ignore[no-any-return]
     if path == "device":
         out = _state(layout, "split", lambda: _jit(_reference_split, layout))(v)
