@@ -323,6 +323,22 @@ def test_trace_is_exact_for_a_diagonal_hessian_in_any_blocks():
     assert int(inf.matvecs) == 7 and float(inf.stderr) == 0.0
 
 
+def test_trace_forms_equal_the_diagonal_products_on_the_same_probes(problem, gauss_newton):
+    """trace's forward-over-forward z @ H @ z against diagonal's z * (H @ z): the same probes
+    in any blocks, also for the Gauss-Newton matrix with streamed and stacked data."""
+    flat, f, *_ = problem
+    t = curvature.trace(f, flat, key=KEY, samples=12, block=5)
+    d = curvature.diagonal(f, flat, key=KEY, samples=12, block=4)
+    np.testing.assert_allclose(t, jnp.sum(d), rtol=2e-5)
+    np.testing.assert_allclose(t, curvature.trace(f, flat, key=KEY, samples=12, block=1), rtol=2e-5)
+    gflat, _, model, xent, batch, _ = gauss_newton
+    op = curvature.ggn(model, xent)
+    for data in (split(batch, [10, 10, 4]), (batch[0].reshape(2, 12, 4), batch[1].reshape(2, 12))):
+        tt = curvature.trace(op, gflat, key=KEY, samples=12, data=data)
+        dd = curvature.diagonal(op, gflat, key=KEY, samples=12, data=data)
+        np.testing.assert_allclose(tt, jnp.sum(dd), rtol=2e-5)
+
+
 def test_diagonal_matches_the_dense_diagonal(problem):
     flat, f, *_, h, _ = problem
     samples = 400

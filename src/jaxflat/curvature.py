@@ -372,33 +372,78 @@ def _products(op: Any, x: Array, vs: Array, *batch: Any) -> Array:
     return one(vs[0])[None] if vs.shape[0] == 1 else jax.vmap(one)(vs)
 
 
-def _device_product(op: Any, x: Array, vs: Array, data: _Data, arrays: Any) -> Array:
-    """Products without data, or averaged over stacked batches with a scan (traceable)."""
+def _forms(op: Any, x: Array, vs: Array, *batch: Any) -> Array:
+    """``z @ A @ z`` for each row ``z`` of ``vs`` (b, n): a (b,) vector.
+
+    Forward-over-forward (the second derivative of ``f(x + t z)`` in ``t``),
+    with no backward pass: about half the work of a Hessian-vector product
+    and none of its stored activations (``benchmarks/CURVATURE.md``). For the
+    Gauss-Newton matrix, ``(J z) @ H_loss @ (J z)``. Equal to ``z @ (A @ z)``
+    up to rounding (tested).
+    """
+    if isinstance(op, GGN):
+        out, jvp_fn = jax.linearize(lambda y: op.model_fn(y, *batch), x)
+
+        def loss(o: Any) -> Any:
+            return op.loss_fn(o, *batch)
+
+        def one(v: Array) -> Array:
+            u = jvp_fn(v)
+            return jax.jvp(lambda o: jax.jvp(loss, (o,), (u,))[1], (out,), (u,))[1]
+
+    else:
+
+        def fn(y: Array) -> Any:
+            return op(y, *batch)
+
+        def one(v: Array) -> Array:
+            return jax.jvp(lambda y: jax.jvp(fn, (y,), (v,))[1], (x,), (v,))[1]
+
+    vs = vs.astype(x.dtype)
+    forms = one(vs[0])[None] if vs.shape[0] == 1 else jax.vmap(one)(vs)
+    if forms.shape != vs.shape[:1]:  # f is not scalar: jax.grad says so, as elsewhere
+        _products(op, x, vs[:1], *batch)
+        raise TypeError(f"f must return a scalar, got shape {forms.shape[1:]}")
+    return forms
+
+
+def _measure(op: Any, x: Array, vs: Array, form: bool, *batch: Any) -> Array:
+    """The products ``(b, n)``, or with ``form`` the quadratic forms ``(b,)``, for one batch."""
+    return _forms(op, x, vs, *batch) if form else _products(op, x, vs, *batch)
+
+
+def _device_product(
+    op: Any, x: Array, vs: Array, data: _Data, arrays: Any, form: bool = False
+) -> Array:
+    """Products (or forms) without data, or averaged over stacked batches with a scan."""
     if data.kind == "none":
-        return _products(op, x, vs)
+        return _measure(op, x, vs, form)
     assert data.plan is not None
     plan = data.plan
 
     def body(acc: Array, leaves: Any) -> tuple[Array, None]:
-        return acc + _products(op, x, vs, _rebuild(plan, leaves)), None
+        return acc + _measure(op, x, vs, form, _rebuild(plan, leaves)), None
 
-    total, _ = jax.lax.scan(body, jnp.zeros(vs.shape, x.dtype), arrays)
+    zero = jnp.zeros(vs.shape[:1] if form else vs.shape, x.dtype)
+    total, _ = jax.lax.scan(body, zero, arrays)
     return total / arrays[0].shape[0]
 
 
-@partial(jax.jit, static_argnames=("op", "plan"))
+@partial(jax.jit, static_argnames=("op", "plan", "form"))
 def _accumulate(
-    op: Any, x: Array, vs: Array, acc: Array, size: Array, arrays: Any, plan: _Plan
+    op: Any, x: Array, vs: Array, acc: Array, size: Array, arrays: Any, plan: _Plan, form: bool
 ) -> Array:
-    return acc + size * _products(op, x, vs, _rebuild(plan, arrays))
+    return acc + size * _measure(op, x, vs, form, _rebuild(plan, arrays))
 
 
-def _stream_product(name: str, op: Any, x: Array, vs: Array, data: Any) -> Array:
+def _stream_product(
+    name: str, op: Any, x: Array, vs: Array, data: Any, form: bool = False
+) -> Array:
     """The mean over all examples of a streamed data set: one batch on the device at a time."""
-    acc, total = jnp.zeros(vs.shape, x.dtype), 0
+    acc, total = jnp.zeros(vs.shape[:1] if form else vs.shape, x.dtype), 0
     for i, batch in enumerate(data):
         arrays, plan, size = _split(name, i, batch)
-        acc = _accumulate(op, x, vs, acc, jnp.asarray(size, x.dtype), arrays, plan)
+        acc = _accumulate(op, x, vs, acc, jnp.asarray(size, x.dtype), arrays, plan, form)
         total += size
     if total == 0:
         raise ValueError(
@@ -412,13 +457,15 @@ def _dtype(x: Array) -> Any:
 
 
 def _product_fn(
-    name: str, op: Any, x: Array, data: _Data, arrays: Any, sharding: Any
+    name: str, op: Any, x: Array, data: _Data, arrays: Any, sharding: Any, form: bool = False
 ) -> Callable[[Array], Array]:
-    """``vs (b, n) -> products (b, n)`` in the working dtype, laid out like x."""
+    """``vs (b, n) -> products (b, n)`` in the working dtype, laid out like x (with ``form``:
+    the quadratic forms ``(b,)``)."""
     dt = _dtype(x)
+    lay = (lambda v: v) if form else partial(_lay, sharding)
     if data.kind == "streamed":
-        return lambda vs: _lay(sharding, _stream_product(name, op, x, vs, data.source).astype(dt))
-    return lambda vs: _lay(sharding, _device_product(op, x, vs, data, arrays).astype(dt))
+        return lambda vs: lay(_stream_product(name, op, x, vs, data.source, form).astype(dt))
+    return lambda vs: lay(_device_product(op, x, vs, data, arrays, form).astype(dt))
 
 
 # ---------------------------------------------------------------- progress
@@ -457,8 +504,10 @@ def _run(
     stepper: Callable[..., Any],
     args: tuple[Any, ...],
     cfg: Any,
+    form: bool = False,
 ) -> Any:
-    """One way to run an algorithm, three ways to feed it products.
+    """One way to run an algorithm, three ways to feed it products (or, with ``form``,
+    quadratic forms).
 
     No data or stacked data: ``compiled`` (one jitted program with ``op``
     static). Streamed data under a trace (``x`` a tracer): ``impl`` traced
@@ -468,7 +517,7 @@ def _run(
     """
     if data.kind != "streamed":
         return compiled(op, x, *args, data.source, cfg=cfg, data=data._replace(source=None))
-    product = _product_fn(name, op, x, data, None, cfg.sharding)
+    product = _product_fn(name, op, x, data, None, cfg.sharding, form)
     if any(isinstance(a, jax.core.Tracer) for a in (x, *args)):
         return impl(product, x, *args, cfg)
     return stepper(product, x, *args, cfg)
@@ -938,17 +987,45 @@ class _Moments(NamedTuple):
     m2: Array  # sum of squared deviations from the mean
 
 
+def _mix(h: Array) -> Array:
+    """A bijective 32-bit integer finaliser (Wellons' lowbias32): every output bit depends on
+    every input bit."""
+    u32 = jnp.uint32
+    for shift, mul in ((16, 0x7FEB352D), (15, 0x846CA68B)):
+        h = (h ^ (h >> u32(shift))) * u32(mul)
+    return h ^ (h >> u32(16))
+
+
+def _seed(key: Array) -> Array:
+    """One 32-bit seed from a key's words (no random-number program to compile)."""
+    data = key if key.dtype == jnp.uint32 else jax.random.key_data(key)
+    seed = jnp.uint32(0x243F6A88)
+    for word in data.reshape(-1):
+        seed = _mix(seed ^ word)
+    return seed
+
+
 def _probes(key: Array, i: Any, size: int, x: Array, cfg: _HutchCfg) -> Array:
-    """Rademacher vectors, 32 signs from each random 32-bit word (a fraction of the hashing)."""
-    words = jax.random.bits(jax.random.fold_in(key, i), (size, -(-cfg.n // 32)), jnp.uint32)
-    bits = (words[:, :, None] >> jnp.arange(32, dtype=jnp.uint32)[None, None, :]) & jnp.uint32(1)
+    """Probes ``i * block .. + size`` as Rademacher rows: 32 signs from each 32-bit word.
+
+    Word ``j`` of probe ``p`` is a hash of (key, p, j): probe ``p`` is the same
+    whatever the block size, and an integer hash compiles in a fraction of the
+    time of ``jax.random`` in a loop body (Hutchinson needs independent fair
+    signs, not a cryptographic stream)."""
+    u32 = jnp.uint32
+    rows = _mix(
+        _mix(jnp.asarray(i, u32) * u32(cfg.block) + jnp.arange(size, dtype=u32)) ^ _seed(key)
+    )
+    j = jnp.arange(-(-cfg.n // 32), dtype=u32) * u32(0x9E3779B1)
+    words = _mix(_mix(j[None, :] ^ rows[:, None]) + rows[:, None] * u32(0x85EBCA77))
+    bits = (words[:, :, None] >> jnp.arange(32, dtype=u32)[None, None, :]) & u32(1)
     z = 2 * bits.reshape(size, -1)[:, : cfg.n].astype(_dtype(x)) - 1
     return _lay(cfg.sharding, z)
 
 
 def _combine(m: _Moments, z: Array, hz: Array, cfg: _HutchCfg) -> _Moments:
     """Chan et al.'s update of the running mean and squared deviations by one block."""
-    vals = z * hz if cfg.diag else jnp.sum(z * hz, axis=1)
+    vals = z * hz if cfg.diag else hz  # trace: hz holds the forms z @ H @ z
     nb = vals.shape[0]
     mb = jnp.mean(vals, axis=0)
     m2b = jnp.sum((vals - mb[None]) ** 2, axis=0)
@@ -993,7 +1070,8 @@ def _hutch_compiled(
     op: Any, x: Array, key: Array, arrays: Any, *, cfg: _HutchCfg, data: _Data
 ) -> Any:
     name = "diagonal" if cfg.diag else "trace"
-    return _hutch_impl(_product_fn(name, op, x, data, arrays, cfg.sharding), x, key, cfg)
+    product = _product_fn(name, op, x, data, arrays, cfg.sharding, not cfg.diag)
+    return _hutch_impl(product, x, key, cfg)
 
 
 _probes_jit = jax.jit(_probes, static_argnames=("size", "cfg"))
@@ -1034,7 +1112,16 @@ def _hutchinson(
         x.shape[0], samples, min(block, samples), name == "diagonal", _layout_of(x), progress
     )
     est, out_info = _run(
-        name, f, x, prepared, _hutch_compiled, _hutch_impl, _hutch_stepper, (key,), cfg
+        name,
+        f,
+        x,
+        prepared,
+        _hutch_compiled,
+        _hutch_impl,
+        _hutch_stepper,
+        (key,),
+        cfg,
+        form=not cfg.diag,
     )
     return (est, out_info) if info else est
 
@@ -1054,9 +1141,13 @@ def trace(
 
     Hutchinson's estimator with Rademacher vectors: the mean of
     ``z @ H @ z`` over ``samples`` random sign vectors ``z`` drawn from
-    ``key``, exactly ``samples`` products, ``block`` of them at once (one
-    ``jax.vmap``-ed product: matrix-matrix work, default 5, chosen by
-    measurement; memory grows with it). Its variance per sample is
+    ``key``. Each ``z @ H @ z`` is a second directional derivative, taken
+    forward over forward (no backward pass: about half the work of a
+    Hessian-vector product), ``block`` of them at once (one ``jax.vmap``:
+    matrix-matrix work, default 5, chosen by measurement; memory grows with
+    it). Probe ``p`` depends only on ``key`` and ``p``: :func:`diagonal` with
+    the same key uses the same probes, and ``block`` does not change the
+    estimate beyond rounding. Its variance per sample is
     ``2 * (sum(H**2) - sum(diag(H)**2))``; ``info=True`` gives the
     standard error estimated from the samples. Exact for a diagonal Hessian.
 
@@ -1064,7 +1155,7 @@ def trace(
       f: scalar function of the flat vector (``f(x, batch)`` with ``data``),
         or a :func:`ggn` operator.
       x: the point, a 1-D floating-point vector; may be sharded.
-      key: a ``jax.random`` key (the same key and block give the same estimate).
+      key: a ``jax.random`` key (the same key gives the same probes).
       samples: the number of products, ``>= 1``.
       data: as in :func:`hvp`.
       info: also return an :class:`EstimateInfo` (``stderr`` a scalar).
