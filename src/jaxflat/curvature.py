@@ -1147,8 +1147,8 @@ def trace(
     matrix-matrix work, default 5, chosen by measurement; memory grows with
     it). Probe ``p`` depends only on ``key`` and ``p``: :func:`diagonal` with
     the same key uses the same probes, and ``block`` does not change the
-    estimate beyond rounding. Its variance per sample is
-    ``2 * (sum(H**2) - sum(diag(H)**2))``; ``info=True`` gives the
+    estimate beyond rounding; ``info.matvecs`` counts one product per probe.
+    Its variance per sample is ``2 * (sum(H**2) - sum(diag(H)**2))``; ``info=True`` gives the
     standard error estimated from the samples. Exact for a diagonal Hessian.
 
     Args:
