@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Any, TypeVar
+from typing import Any, NamedTuple, TypeVar
 
 import jax
 import jax.numpy as jnp
@@ -80,7 +80,14 @@ def _inactive(x: Any) -> bool:
     return x is None or x is False
 
 
-_ABSENT = object()
+class _Absent:
+    """The one value meaning "no such child" (``getattr``/``dict.get`` default)."""
+
+    def __repr__(self) -> str:
+        return "<absent>"
+
+
+_ABSENT = _Absent()
 
 
 class _Matcher:
@@ -254,12 +261,16 @@ def _nonzero(s: Any) -> bool:
     return bool(np.any(np.asarray(s)))
 
 
-_MOVE = object()  # _place's answer: "device_put me to this sharding", batched by the caller
+class _Move(NamedTuple):
+    """``_place``'s answer "device_put ``value`` to ``sharding``", batched by the caller."""
+
+    value: Any
+    sharding: Any
 
 
 def _place(d: Any, s: Any) -> Any:
     """``s`` with ``d``'s dtype, kind (numpy or jax) and device/sharding;
-    or ``(_MOVE, value, sharding)`` for a device_put left to the caller."""
+    or a :class:`_Move` for a device_put left to the caller."""
     if s is None:
         s = (
             np.zeros(d.shape, d.dtype)
@@ -284,7 +295,7 @@ def _place(d: Any, s: Any) -> Any:
         return jnp.asarray(s)
     if isinstance(s, jax.Array) and s.sharding == sharding:
         return s
-    return (_MOVE, s, sharding)
+    return _Move(s, sharding)
 
 
 def match(dst: Any, src: Any) -> _Matcher:
@@ -327,10 +338,12 @@ def loadmodel(dst: T, src: Any, /) -> T:
     moves = []
     for i, (s, _) in m.assigned.items():
         leaves[i] = _place(leaves[i], s)
-        if type(leaves[i]) is tuple and leaves[i][0] is _MOVE:
+        if isinstance(leaves[i], _Move):
             moves.append(i)
     if moves:  # one batched transfer for all of them
-        values = jax.device_put([leaves[i][1] for i in moves], [leaves[i][2] for i in moves])
+        values = jax.device_put(
+            [leaves[i].value for i in moves], [leaves[i].sharding for i in moves]
+        )
         for i, v in zip(moves, values, strict=True):
             leaves[i] = v
     return m.w.build(leaves)  # type: ignore[no-any-return]
