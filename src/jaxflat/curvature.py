@@ -618,51 +618,141 @@ def _noise(seed: Array, step: Array, shape: tuple[int, ...], dtype: Any, shardin
     return _lay(sharding, (h >> u32(8)).astype(dtype) / 2**24 - 0.5)
 
 
+def _sweep(n: int, rows: int, fn: Callable[..., Any], carry: Any, go: Any = True) -> Any:
+    """``carry = fn(start, fresh, carry)`` for each slice of columns of (rows, n) arrays.
+
+    Slices of ``c`` columns (at most 16 MiB of float32 per (rows, c) slice);
+    the last starts at ``n - c`` and so overlaps the one before: ``fresh``
+    (c,) marks its columns that no slice before it had. Runs only where ``go``.
+    Unsharded products with a (rows, n) basis go through here: one matrix
+    product over all of x.size makes the CPU's matmul library pack a copy of
+    an operand (measured: ~240 MiB for 1M parameters and 50 vectors), and
+    an update by slices happens in place."""
+    c = min(n, max(1024, 2**22 // rows))
+
+    def body(i: Array, carry: Any) -> Any:
+        start = jnp.minimum(i * c, n - c)
+        return fn(start, c, (start + jnp.arange(c)) >= i * c, carry)
+
+    return jax.lax.fori_loop(0, jnp.where(go, -(-n // c), 0), body, carry)
+
+
+def _gram_q(q: Array, w: Array, sharding: Any = None) -> Array:
+    """``q @ w.T`` for a basis q (cap, n) and a block w (b, n), by slices of columns unsharded."""
+    if sharding is not None:
+        return _gram(q, w, sharding)
+
+    def fn(start: Array, c: int, fresh: Array, acc: Array) -> Array:
+        cols = jnp.where(fresh, jax.lax.dynamic_slice_in_dim(w, start, c, 1), 0)
+        return acc + jax.lax.dynamic_slice_in_dim(q, start, c, 1) @ cols.T
+
+    return _sweep(q.shape[1], q.shape[0], fn, jnp.zeros((q.shape[0], w.shape[0]), w.dtype))
+
+
+def _minus(w: Array, coef: Array, q: Array, sharding: Any = None) -> Array:
+    """``w - coef @ q`` (coef (b, cap)), in place by slices of columns unsharded."""
+    if sharding is not None:
+        return w - coef @ q
+
+    def fn(start: Array, c: int, fresh: Array, w: Array) -> Array:
+        old = jax.lax.dynamic_slice_in_dim(w, start, c, 1)
+        new = old - coef @ jax.lax.dynamic_slice_in_dim(q, start, c, 1)
+        return jax.lax.dynamic_update_slice_in_dim(w, jnp.where(fresh, new, old), start, 1)
+
+    return _sweep(q.shape[1], q.shape[0], fn, w)
+
+
 def _project_out(q: Array, w: Array, sharding: Any = None) -> Array:
     for _ in range(2):  # classical Gram-Schmidt, twice
-        w = w - _gram(q, w, sharding).T @ q
+        w = _minus(w, _gram_q(q, w, sharding).T, q, sharding)
     return w
 
 
 def _new_block(
-    q: Array, r: Array, u: Array, thresh: Array, sharding: Any = None
-) -> tuple[Array, Array]:
+    q: Array, r: Array, noise: Callable[[], Array], thresh: Array, sharding: Any = None
+) -> tuple[Array, Array, Array]:
     """Orthonormal rows spanning ``r`` (rows already orthogonal to q), by Gram-Schmidt.
 
     A row that adds less than ``thresh`` (an invariant subspace, or a
-    repeated direction) is replaced by the row of ``u`` (generic vectors) orthogonal to q and to
-    the rows before it; where none is left (q spans the space) the row is
-    zero. Returns (rows, dead)."""
+    repeated direction) is replaced by the row of ``noise()`` (generic vectors) orthogonal to q and
+    to the rows before it; where none is left (q spans the space) the row is
+    zero. Returns (rows, dead, rows @ r.T), the last upper triangular: it is
+    computed on the way (r's rows are overwritten one by one, so no second
+    block of vectors of x.size is kept)."""
     eps = jnp.finfo(r.dtype).eps
+    b = r.shape[0]
     # Gram-Schmidt's row norms are the diagonal of the Cholesky factor of r r^T: when none
-    # is small (the usual case), skip projecting the replacement rows (a pass over q).
-    # (Cholesky in floating point resolves only sqrt(eps): a row that keeps less than 1% of
-    # its norm is checked the slow way.)
+    # is small (the usual case), the plain Gram-Schmidt branch runs, without the replacement
+    # rows (a pass over q and a block of noise vectors). (Cholesky in floating point resolves
+    # only sqrt(eps): a row that keeps less than 1% of its norm is checked the slow way.)
     chol = jnp.diag(jnp.linalg.cholesky(_gram(r, r, sharding)))
     need = ~jnp.all(chol > jnp.maximum(2 * thresh, 1e-2 * jnp.linalg.norm(r, axis=1)))
-    alt_all = jax.lax.cond(need, lambda: _project_out(q, u, sharding), lambda: u)
-    rows: list[Array] = []
-    dead: list[Array] = []
-    for i in range(r.shape[0]):
-        v, alt = r[i], alt_all[i]
-        for _ in range(2):
-            for prev in rows:
-                v = v - jnp.sum(v * prev) * prev
-                alt = alt - jnp.sum(alt * prev) * prev
-        strong = ~need | (jnp.linalg.norm(v) > thresh)
-        ok = strong | (jnp.linalg.norm(alt) > jnp.sqrt(eps) * jnp.linalg.norm(u[i]))
-        pick = jnp.where(strong, v, alt)
-        rows.append(jnp.where(ok, pick / jnp.where(ok, jnp.linalg.norm(pick), 1), 0))
-        dead.append(~ok)
-    return jnp.stack(rows), jnp.stack(dead)
+
+    def orthonormal(replace: bool) -> tuple[Array, Array, Array]:
+        # row by row in a loop over r's buffer: rows before i are done, rows from i are r's
+        if replace:
+            u = noise()
+            floor = jnp.sqrt(eps) * jnp.linalg.norm(u, axis=1)
+            alt_all = _project_out(q, u, sharding)
+
+        def orth(rows: Array, i: Array, v: Array) -> Array:  # against the rows before i, twice
+            before = (jnp.arange(b) < i).astype(v.dtype)
+            for _ in range(2):
+                v = v - (before * _gram(rows, v, sharding)) @ rows
+            return v
+
+        def body(i: Array, carry: tuple[Array, Array, Array]) -> tuple[Array, Array, Array]:
+            rows, dead, coupling = carry
+            v = orth(rows, i, rows[i])
+            if replace:
+                alt = orth(rows, i, alt_all[i])
+                strong = jnp.linalg.norm(v) > thresh
+                ok = strong | (jnp.linalg.norm(alt) > floor[i])
+                pick = jnp.where(strong, v, alt)
+                v = jnp.where(ok, pick / jnp.where(ok, jnp.linalg.norm(pick), 1), 0)
+                dead = dead.at[i].set(~ok)
+            else:
+                v = v / jnp.linalg.norm(v)
+            coupling = coupling.at[i].set(
+                jnp.where(jnp.arange(b) >= i, _gram(rows, v, sharding), 0)
+            )
+            return rows.at[i].set(v), dead, coupling
+
+        init = (r, jnp.zeros(b, bool), jnp.zeros((b, b), r.dtype))
+        rows, dead, coupling = jax.lax.fori_loop(0, b, body, init)
+        return _lay(sharding, rows), dead, coupling
+
+    return jax.lax.cond(need, lambda: orthonormal(True), lambda: orthonormal(False))
+
+
+def _rotate(q: Array, w: Array, go: Array, sharding: Any = None) -> Array:
+    """``q`` replaced by ``w @ q`` (w: (rows, cap), the rows after them zero) where ``go``.
+
+    Unsharded, in place, by slices of columns (each column of the result
+    needs only that column of q): XLA keeps one (cap, n) buffer. Sharded
+    (slicing x's axis would gather it), one product: a second (cap, n)
+    buffer while it runs."""
+    cap, n = q.shape
+    if sharding is not None:
+        pad = _lay(sharding, jnp.zeros((cap - w.shape[0], n), q.dtype))
+        return jax.lax.cond(go, lambda: _lay(sharding, jnp.concatenate([w @ q, pad])), lambda: q)
+
+    def fn(start: Array, c: int, fresh: Array, q: Array) -> Array:
+        cols = jax.lax.dynamic_slice_in_dim(q, start, c, 1)
+        new = jnp.concatenate([w @ cols, jnp.zeros((cap - w.shape[0], c), q.dtype)])
+        return jax.lax.dynamic_update_slice_in_dim(q, jnp.where(fresh, new, cols), start, 1)
+
+    return _sweep(n, cap, fn, q, go)
 
 
 def _eig_init(x: Array, key: Array, cfg: _EigCfg) -> _EigState:
     dt = _dtype(x)
-    start = _lay(cfg.sharding, jax.random.normal(key, (cfg.b + 1, cfg.n), dt))
-    q = _lay(cfg.sharding, jnp.zeros((cfg.cap, cfg.n), dt))
-    block, dead = _new_block(q, start[1:], start[1:], jnp.zeros((), dt), cfg.sharding)
     seed = jax.random.bits(key, (), jnp.uint32)
+    # the start block from the integer hash, not jax.random.normal (whose threefry
+    # intermediates are several (b, n) integer arrays at once)
+    start = _noise(seed, jnp.asarray(-1, jnp.int32), (cfg.b, cfg.n), dt, cfg.sharding)
+    q = _lay(cfg.sharding, jnp.zeros((cfg.cap, cfg.n), dt))
+    block, dead, _ = _new_block(q, start, lambda: start, jnp.zeros((), dt), cfg.sharding)
     q = _lay(cfg.sharding, q.at[: cfg.b].set(block))
     live = jnp.zeros(cfg.cap, bool).at[: cfg.b].set(~dead)
     z = jnp.zeros(cfg.k, dt)
@@ -693,18 +783,19 @@ def _eig_step(st: _EigState, w: Array, tol: Any, cfg: _EigCfg) -> _EigState:
     dt = st.q.dtype
     eps = jnp.finfo(dt).eps
     s, q = st.s, st.q
-    h = _gram(q, w, cfg.sharding)  # (cap, b): rows past the block are zero
+    h = _gram_q(q, w, cfg.sharding)  # (cap, b): rows past the block are zero
     diag = jax.lax.dynamic_slice_in_dim(h, s, b, 0)
     h = jax.lax.dynamic_update_slice_in_dim(h, (diag + diag.T) / 2, s, 0)
     t = jax.lax.dynamic_update_slice_in_dim(st.t, h, s, 1)
     t = jax.lax.dynamic_update_slice_in_dim(t, h.T, s, 0)
     scale = jnp.maximum(st.scale, jnp.max(jnp.linalg.norm(w, axis=1)))
-    u = _noise(st.seed, st.matvecs, w.shape, dt, cfg.sharding)
-    new, dead = _new_block(q, _project_out(q, w, cfg.sharding), u, 100 * eps * scale, cfg.sharding)
-    new = _lay(cfg.sharding, new)
-    coupling = _gram(
-        new, w, cfg.sharding
-    )  # (b, b): the new block's coupling to the one just multiplied
+    new, dead, coupling = _new_block(
+        q,
+        _project_out(q, w, cfg.sharding),
+        lambda: _noise(st.seed, st.matvecs, w.shape, dt, cfg.sharding),
+        100 * eps * scale,
+        cfg.sharding,
+    )
     s1 = s + b
     theta, u, valid = _ritz(t, (jnp.arange(cap) < s1) & st.live)
     low = k // 2 if cfg.which == "BE" else 0
@@ -724,40 +815,46 @@ def _eig_step(st: _EigState, w: Array, tol: Any, cfg: _EigCfg) -> _EigState:
     done = converged | (matvecs + b > cfg.budget)
     _progress(cfg.progress, "eigenvalues", matvecs, jnp.sort(vals)[::-1])
 
-    def grow() -> tuple[Array, Array, Array, Array]:
-        q1 = jax.lax.dynamic_update_slice_in_dim(q, new, s1, 0)
-        live = jax.lax.dynamic_update_slice_in_dim(st.live, ~dead, s1, 0)
-        return q1, t, s1, live
-
-    def restart() -> tuple[Array, Array, Array, Array]:
-        kept = _select(theta, valid, cfg.which, cfg.keep, cfg.keep // 2 if low else 0)
-        ok = valid[kept]
-        y = jnp.where(ok[:, None], u[:, kept].T @ q, 0)  # (keep, n): the only new rows
-        # q is rewritten in place (no second (cap, n) buffer): kept Ritz vectors, the new
-        # block, zero rows after it.
-        q1 = q.at[: cfg.keep].set(y).at[cfg.keep : cfg.keep + b].set(new)
-        q1 = jnp.where((jnp.arange(cap) < cfg.keep + b)[:, None], q1, 0)
-        t1 = (
-            jnp.zeros_like(t)
-            .at[: cfg.keep, : cfg.keep]
-            .set(jnp.diag(jnp.where(ok, theta[kept], 0)))
-        )
-        live = jnp.zeros(cap, bool).at[: cfg.keep].set(ok).at[cfg.keep : cfg.keep + b].set(~dead)
-        return _lay(cfg.sharding, q1), t1, jnp.asarray(cfg.keep, s1.dtype), live
-
-    def same() -> tuple[Array, Array, Array, Array]:  # done: coef refers to these rows
-        return q, t, s1, st.live
-
-    branch = jnp.where(done, 0, jnp.where(s1 + b <= cap, 1, 2))
-    q, t, s_next, live = jax.lax.switch(branch, [same, grow, restart])
+    # q is updated in place (XLA keeps one (cap, n) buffer): at a restart the kept Ritz
+    # vectors are rotated into the first rows and the rest zeroed, then the new block is
+    # written after the last filled row (not at all once done: coef refers to these rows).
+    restart = ~done & (s1 + b > cap)
+    kept = _select(theta, valid, cfg.which, cfg.keep, cfg.keep // 2 if low else 0)
+    ok = valid[kept]
+    q = _rotate(q, jnp.where(ok[:, None], u[:, kept].T, 0), restart, cfg.sharding)
+    s_next = jnp.where(restart, cfg.keep, s1)
+    q = jax.lax.dynamic_update_slice_in_dim(
+        q, jnp.where(done, jax.lax.dynamic_slice_in_dim(q, s_next, b, 0), new), s_next, 0
+    )
+    fresh = (
+        jnp.zeros((cap, cap), dt)
+        .at[: cfg.keep, : cfg.keep]
+        .set(jnp.diag(jnp.where(ok, theta[kept], 0)))
+    )
+    t = jnp.where(restart, fresh, t)
+    live = jnp.where(restart, jnp.zeros(cap, bool).at[: cfg.keep].set(ok), st.live)
+    live = jnp.where(done, live, jax.lax.dynamic_update_slice_in_dim(live, ~dead, s_next, 0))
+    s_next = jnp.where(done, s1, s_next)
     return _EigState(
-        q, t, s_next, live, vals, coef, res, change, matvecs, scale, done, converged, st.seed
+        _lay(cfg.sharding, q),
+        t,
+        s_next,
+        live,
+        vals,
+        coef,
+        res,
+        change,
+        matvecs,
+        scale,
+        done,
+        converged,
+        st.seed,
     )
 
 
 def _eig_finish(st: _EigState, cfg: _EigCfg) -> tuple[Array, Array, EigenInfo]:
     order = jnp.argsort(-st.vals)
-    vecs = st.coef[:, order].T @ st.q
+    vecs = _minus(jnp.zeros((cfg.k, cfg.n), st.q.dtype), -st.coef[:, order].T, st.q, cfg.sharding)
     vecs = vecs / jnp.maximum(
         jnp.linalg.norm(vecs, axis=1, keepdims=True), jnp.finfo(vecs.dtype).tiny
     )
