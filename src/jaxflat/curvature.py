@@ -22,13 +22,15 @@ anew). jax's caches are bounded (least recently used), so they hold ``f``
 only boundedly.
 
 Memory. ``eigenvalues`` keeps a bounded basis (``basis=`` vectors, default
-``max(30, 5 * k)``, fewer where that would exceed 256 MiB) and restarts
-(thick restart, keeping the best Ritz vectors), so its memory does not grow with ``iters``; every vector is
-orthogonalised against the whole kept basis, so no mode of ``eigenvalues``
-returns spurious (ghost) eigenvalues. A block of ``min(k, 16)`` vectors is
-multiplied at once (block Lanczos): an eigenvalue repeated up to that many
-times comes back repeated. ``density`` runs the plain Lanczos recurrence
-with the last ``reorth`` vectors kept.
+``max(30, 5 * k)``, fewer where that would exceed 256 MiB but never fewer than
+``k + 1 + 2 * block``) and restarts (thick restart, keeping the best Ritz
+vectors), so its memory does not grow with ``iters``; the basis is one buffer
+updated in place (a restart rotates it by slices of columns), so XLA holds it
+once plus a few blocks. Every vector is orthogonalised against the whole kept
+basis, so no mode of ``eigenvalues`` returns spurious (ghost) eigenvalues. A
+block of ``min(k, 16)`` vectors is multiplied at once (block Lanczos): an
+eigenvalue repeated up to that many times comes back repeated. ``density``
+runs the plain Lanczos recurrence with the last ``reorth`` vectors kept.
 
 matfree. `matfree <https://github.com/pnkraemer/matfree>`_ implements
 Lanczos, stochastic Lanczos quadrature and Hutchinson-type estimators in JAX.
@@ -623,14 +625,15 @@ def _noise(
 def _sweep(n: int, rows: int, fn: Callable[..., Any], carry: Any, go: Any = True) -> Any:
     """``carry = fn(start, fresh, carry)`` for each slice of columns of (rows, n) arrays.
 
-    Slices of ``c`` columns (at most 16 MiB of float32 per (rows, c) slice);
+    Slices of ``c`` columns (at most 16 MiB of float32 per (rows, c) slice, and
+    an eighth of the columns, but at least 1024);
     the last starts at ``n - c`` and so overlaps the one before: ``fresh``
     (c,) marks its columns that no slice before it had. Runs only where ``go``.
     Unsharded products with a (rows, n) basis go through here: one matrix
     product over all of x.size makes the CPU's matmul library pack a copy of
     an operand (measured: ~240 MiB for 1M parameters and 50 vectors), and
     an update by slices happens in place."""
-    c = min(n, max(1024, 2**22 // rows))
+    c = min(n, max(1024, min(2**22 // rows, -(-n // 8))))
 
     def body(i: Array, carry: Any) -> Any:
         start = jnp.minimum(i * c, n - c)
@@ -906,21 +909,29 @@ def eigenvalues(
     orthogonalised against the whole kept basis, and the Rayleigh-Ritz values
     of the basis approximate the eigenvalues. When the basis is full it
     restarts from its best Ritz vectors, so memory stays bounded. It stops
-    when each wanted Ritz value changed by at most ``tol`` relative to itself
-    in the last step, and so would the change still to come if convergence
-    went on at the rate of the last two steps, or when the basis spans the
-    whole space, or after ``iters * k`` products. ``info=True`` says which.
+    when each wanted Ritz pair's residual ``|A v - theta v|`` is at most
+    ``tol`` relative to ``theta`` (so the change still to come is below that:
+    an eigenvalue lies within the residual of ``theta``, and typically within
+    ``residual**2 / gap``), or when the basis spans the whole space, or after
+    ``iters * k`` products. ``info=True`` says which.
 
     An eigenvalue repeated up to ``min(k, 16)`` times comes back repeated (a
     single-vector Krylov method cannot see multiplicity). No mode returns
     spurious eigenvalues: every vector is kept orthogonal to the basis.
 
     Memory: beyond what ``f``'s gradient (times the block) needs, ``basis``
-    vectors of ``x.size`` (default ``max(30, 5 * k)``, fewer where they would
-    exceed 256 MiB, never fewer than ``k + 2 * block``; capped by what the
-    space needs); XLA keeps about two more copies of it while it runs. ``basis=iters * k + k`` keeps every vector (full
-    reorthogonalisation, no restart); each step's Rayleigh-Ritz then costs
-    ``basis ** 3``, so keep that for small runs.
+    vectors of ``x.size`` and about three blocks more while a step runs (one
+    compiled program: the basis is updated in place, and on one device the
+    products with it go by slices of columns; a sharded ``x`` adds a second
+    basis while a restart runs). The default basis is ``max(30, 5 * k)``
+    vectors, fewer where they would exceed 256 MiB, but never fewer than
+    ``k + 1 + 2 * block`` (``k + 1`` Ritz vectors kept at a restart: fewer
+    converge slowly) nor ``k + 2 * block``; capped by what the space needs.
+    For example 1M float32 parameters, ``k=10``: 50 vectors (193 MiB), XLA's
+    temporaries 322 MiB; 124M parameters, ``k=1``: 4 vectors (1.9 GiB).
+    ``basis=iters * k + k`` keeps every vector (full reorthogonalisation,
+    no restart); each step's Rayleigh-Ritz then costs ``basis ** 3``, so
+    keep that for small runs.
 
     Args:
       f: scalar function of the flat vector (``f(x, batch)`` with ``data``),
@@ -932,12 +943,13 @@ def eigenvalues(
         (negative curvature), ``"LM"`` the largest in magnitude, ``"BE"``
         both ends (``k // 2`` from the bottom, the rest from the top).
       iters: at most ``iters * k`` products.
-      tol: relative change per step below which a Ritz value has converged.
+      tol: a Ritz pair has converged when its residual is at most ``tol``
+        times its value.
       data: as in :func:`hvp`.
       info: also return an :class:`EigenInfo`.
       progress: report progress on stderr (also under ``jax.jit``).
       basis: vectors kept (``>= k + 2 * block``); default ``max(30, 5 * k)``,
-        fewer above 256 MiB.
+        fewer above 256 MiB, at least ``k + 1 + 2 * block``.
 
     Returns:
       ``(vals, vecs)`` or ``(vals, vecs, info)``: ``vals`` of shape ``(k,)``,
@@ -982,12 +994,12 @@ def eigenvalues(
     if basis is None:
         # at least k + 1 Ritz vectors kept at a restart (fewer converge slowly: measured in
         # benchmarks/CURVATURE.md), even where that exceeds _BASIS_BYTES
-        low = max(k + 2 * b, 2 * k + b + 2)
+        low = k + 1 + 2 * b
         cap = max(low, min(max(30, 5 * k), _BASIS_BYTES // (n * _dtype(x).itemsize)))
     else:
         cap = _check_int("eigenvalues", "basis", basis, k + 2 * b)
     cap = min(cap, n + b)  # the whole space and one (empty) block more
-    keep = max(k, (cap - b) // 2)
+    keep = max(k, (cap - b) // 2, min(k + 1, cap - 2 * b))  # k + 1 where the basis allows
     prepared = _prepare("eigenvalues", data)
     cfg = _EigCfg(n, k, b, cap, keep, which, iters * k, _layout_of(x), progress)
     vals, vecs, out_info = _run(
