@@ -623,11 +623,11 @@ def _noise(
 
 
 def _sweep(n: int, rows: int, fn: Callable[..., Any], carry: Any, go: Any = True) -> Any:
-    """``carry = fn(start, fresh, carry)`` for each slice of columns of (rows, n) arrays.
+    """``carry = fn(start, c, fresh, carry)`` for each slice of ``c`` columns of (rows, n) arrays.
 
-    Slices of ``c`` columns (at most 16 MiB of float32 per (rows, c) slice, and
-    an eighth of the columns, but at least 1024);
-    the last starts at ``n - c`` and so overlaps the one before: ``fresh``
+    ``c``: at most 16 MiB of float32 per (rows, c) slice and an eighth of the
+    columns, but at least 1024. The last slice starts at ``n - c`` and so
+    overlaps the one before: ``fresh``
     (c,) marks its columns that no slice before it had. Runs only where ``go``.
     Unsharded products with a (rows, n) basis go through here: one matrix
     product over all of x.size makes the CPU's matmul library pack a copy of
