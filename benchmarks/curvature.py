@@ -847,7 +847,8 @@ def main() -> None:
         progress("gpt2")
         r, _, err = run_child(["gpt2", *q], timeout)
         print(
-            "## GPT-2-sized curvature (defaults: the basis shrinks to what 256 MiB holds, at least k + 2 blocks)\n"
+            "## GPT-2-sized curvature (defaults: the basis shrinks to what 256 MiB holds, at least "
+            "k + 1 + 2 blocks)\n"
         )
         if r is None:
             print(f"failed: {err}\n")
@@ -868,8 +869,8 @@ def main() -> None:
                 f"{d['run_s']:.1f} | {d['per_hvp_s']:.2f} | {d['peak_rss_mib']:.0f} |"
             )
             print(
-                "\nTarget: within 8 GiB peak RSS. A basis of 3 vectors (k + 2 blocks): eigenvalues "
-                "restarts often; density runs the plain recurrence (no vectors kept).\n"
+                "\nTarget: within 8 GiB peak RSS. eigenvalues: a basis of 4 vectors (k + 1 Ritz "
+                "vectors kept at a restart); density runs the plain recurrence (no vectors kept).\n"
             )
 
     load1 = os.getloadavg()

@@ -280,6 +280,45 @@ def test_default_basis_shrinks_to_the_byte_budget(monkeypatch):
     np.testing.assert_allclose(jnp.trapezoid(dens, grid), 1.0, rtol=1e-5)
 
 
+def test_default_basis_keeps_k_plus_one_ritz_vectors(monkeypatch):
+    monkeypatch.setattr(curvature, "_BASIS_BYTES", 0)  # no vector fits: the floor
+    seen = []
+    run = curvature._run
+    monkeypatch.setattr(curvature, "_run", lambda *args: seen.append(args[-1]) or run(*args))
+    f = diag_quadratic(np.r_[np.linspace(0.0, 5.0, 99), 10.0])
+    vals, _, inf = curvature.eigenvalues(f, jnp.zeros(100), key=KEY, tol=1e-6, info=True)
+    assert (seen[0].cap, seen[0].keep) == (4, 2)  # k + 1 + 2b vectors; k + 1 kept
+    np.testing.assert_allclose(vals, [10.0], rtol=1e-5)
+    assert bool(inf.converged)
+
+
+def test_converged_means_every_residual_within_tol(problem):
+    flat, f, *_, h, evals = problem
+    scale = np.abs(evals).max()
+    for tol in (1e-2, 1e-4):  # tol is traced: one compile
+        vals, vecs, inf = curvature.eigenvalues(f, flat, key=KEY, k=2, tol=tol, info=True)
+        vals, vecs = np.asarray(vals, np.float64), np.asarray(vecs, np.float64)
+        assert bool(inf.converged)
+        assert np.all(np.asarray(inf.residuals) <= tol * np.abs(vals) + 1e-5 * scale)
+        residuals = np.linalg.norm(vecs @ h - vals[:, None] * vecs, axis=1)
+        nearest = np.min(np.abs(evals[None, :] - vals[:, None]), axis=1)
+        assert np.all(nearest <= residuals + 1e-5 * scale)  # an eigenvalue that close
+        assert np.all(nearest <= 2 * tol * np.abs(vals) + 1e-5 * scale)
+
+
+def test_compiled_eigenvalues_keep_one_basis_in_memory():
+    """XLA's temporaries hold the basis once, a few blocks and slices of columns (a restart
+    rotates the basis in place; before, 2.6 copies of the basis)."""
+    n, k = 200_000, 2
+    f = diag_quadratic(np.linspace(0.0, 1.0, n))
+    fn = jax.jit(lambda x: curvature.eigenvalues(f, x, key=KEY, k=k))
+    mem = fn.lower(jnp.zeros(n)).compile().memory_analysis()
+    if mem is None:  # pragma: no cover - a backend without the analysis
+        pytest.skip("no memory analysis on this backend")
+    basis, block = 30, 2  # the default basis for k=2 (30 vectors of 800 kB)
+    assert mem.temp_size_in_bytes <= 1.5 * (basis + 3 * block) * n * 4
+
+
 @pytest.mark.parametrize(
     "f, want",
     [

@@ -22,13 +22,15 @@ anew). jax's caches are bounded (least recently used), so they hold ``f``
 only boundedly.
 
 Memory. ``eigenvalues`` keeps a bounded basis (``basis=`` vectors, default
-``max(30, 5 * k)``, fewer where that would exceed 256 MiB) and restarts
-(thick restart, keeping the best Ritz vectors), so its memory does not grow with ``iters``; every vector is
-orthogonalised against the whole kept basis, so no mode of ``eigenvalues``
-returns spurious (ghost) eigenvalues. A block of ``min(k, 16)`` vectors is
-multiplied at once (block Lanczos): an eigenvalue repeated up to that many
-times comes back repeated. ``density`` runs the plain Lanczos recurrence
-with the last ``reorth`` vectors kept.
+``max(30, 5 * k)``, fewer where that would exceed 256 MiB but never fewer than
+``k + 1 + 2 * block``) and restarts (thick restart, keeping the best Ritz
+vectors), so its memory does not grow with ``iters``; the basis is one buffer
+updated in place (a restart rotates it by slices of columns), so XLA holds it
+once plus a few blocks. Every vector is orthogonalised against the whole kept
+basis, so no mode of ``eigenvalues`` returns spurious (ghost) eigenvalues. A
+block of ``min(k, 16)`` vectors is multiplied at once (block Lanczos): an
+eigenvalue repeated up to that many times comes back repeated. ``density``
+runs the plain Lanczos recurrence with the last ``reorth`` vectors kept.
 
 matfree. `matfree <https://github.com/pnkraemer/matfree>`_ implements
 Lanczos, stochastic Lanczos quadrature and Hutchinson-type estimators in JAX.
@@ -611,7 +613,6 @@ class _EigState(NamedTuple):
     vals: Array  # (k,) wanted Ritz values, last step
     coef: Array  # (cap, k) their Ritz vectors' coefficients in q
     res: Array  # (k,) their residual norms
-    change: Array  # (k,) their last change
     matvecs: Array
     scale: Array  # largest |A q| seen: the spectrum's scale
     done: Array
@@ -649,15 +650,18 @@ def _gram(a: Array, b: Array, sharding: Any = None) -> Array:
     return a @ b.T
 
 
-def _noise(seed: Array, step: Array, shape: tuple[int, ...], dtype: Any, sharding: Any) -> Array:
-    """Vectors in general position for restarts, from an integer hash of (seed, step, row, index).
+def _noise(
+    seed: Array, step: Array, shape: tuple[int, ...], dtype: Any, sharding: Any, row: Any = 0
+) -> Array:
+    """Vectors in general position for restarts, from an integer hash of (seed, step, row, index)
+    (rows ``row`` on).
 
     They need not be statistically random, only not special; this compiles in
     a fraction of the time of ``jax.random`` inside a loop body."""
     u32 = jnp.uint32
     i = jnp.arange(shape[1], dtype=u32)[None, :] * u32(0x9E3779B1)
     h = i + (
-        jnp.arange(shape[0], dtype=u32)[:, None] * u32(0x85EBCA77)
+        (jnp.arange(shape[0], dtype=u32) + jnp.asarray(row).astype(u32))[:, None] * u32(0x85EBCA77)
         + step.astype(u32) * u32(0xC2B2AE3D)
         + seed.astype(u32)
     )
@@ -667,51 +671,126 @@ def _noise(seed: Array, step: Array, shape: tuple[int, ...], dtype: Any, shardin
     return _lay(sharding, (h >> u32(8)).astype(dtype) / 2**24 - 0.5)
 
 
+def _sweep(n: int, rows: int, fn: Callable[..., Any], carry: Any, go: Any = True) -> Any:
+    """``carry = fn(start, c, fresh, carry)`` for each slice of ``c`` columns of (rows, n) arrays.
+
+    ``c``: at most 16 MiB of float32 per (rows, c) slice and an eighth of the
+    columns, but at least 1024. The last slice starts at ``n - c`` and so
+    overlaps the one before: ``fresh``
+    (c,) marks its columns that no slice before it had. Runs only where ``go``.
+    Unsharded products with a (rows, n) basis go through here: one matrix
+    product over all of x.size makes the CPU's matmul library pack a copy of
+    an operand (measured: ~240 MiB for 1M parameters and 50 vectors), and
+    an update by slices happens in place."""
+    c = min(n, max(1024, min(2**22 // rows, -(-n // 8))))
+
+    def body(i: Array, carry: Any) -> Any:
+        start = jnp.minimum(i * c, n - c)
+        return fn(start, c, (start + jnp.arange(c)) >= i * c, carry)
+
+    return jax.lax.fori_loop(0, jnp.where(go, -(-n // c), 0), body, carry)
+
+
+def _gram_q(q: Array, w: Array, sharding: Any = None) -> Array:
+    """``q @ w.T`` for a basis q (cap, n) and a block w (b, n), by slices of columns unsharded."""
+    if sharding is not None:
+        return _gram(q, w, sharding)
+
+    def fn(start: Array, c: int, fresh: Array, acc: Array) -> Array:
+        cols = jnp.where(fresh, jax.lax.dynamic_slice_in_dim(w, start, c, 1), 0)
+        return acc + jax.lax.dynamic_slice_in_dim(q, start, c, 1) @ cols.T
+
+    return _sweep(q.shape[1], q.shape[0], fn, jnp.zeros((q.shape[0], w.shape[0]), w.dtype))
+
+
+def _minus(w: Array, coef: Array, q: Array, sharding: Any = None) -> Array:
+    """``w - coef @ q`` (coef (b, cap)), in place by slices of columns unsharded."""
+    if sharding is not None:
+        return w - coef @ q
+
+    def fn(start: Array, c: int, fresh: Array, w: Array) -> Array:
+        old = jax.lax.dynamic_slice_in_dim(w, start, c, 1)
+        new = old - coef @ jax.lax.dynamic_slice_in_dim(q, start, c, 1)
+        return jax.lax.dynamic_update_slice_in_dim(w, jnp.where(fresh, new, old), start, 1)
+
+    return _sweep(q.shape[1], q.shape[0], fn, w)
+
+
 def _project_out(q: Array, w: Array, sharding: Any = None) -> Array:
     for _ in range(2):  # classical Gram-Schmidt, twice
-        w = w - _gram(q, w, sharding).T @ q
+        w = _minus(w, _gram_q(q, w, sharding).T, q, sharding)
     return w
 
 
 def _new_block(
-    q: Array, r: Array, u: Array, thresh: Array, sharding: Any = None
-) -> tuple[Array, Array]:
+    q: Array, r: Array, noise: Callable[[Array], Array], thresh: Array, sharding: Any = None
+) -> tuple[Array, Array, Array]:
     """Orthonormal rows spanning ``r`` (rows already orthogonal to q), by Gram-Schmidt.
 
     A row that adds less than ``thresh`` (an invariant subspace, or a
-    repeated direction) is replaced by the row of ``u`` (generic vectors) orthogonal to q and to
-    the rows before it; where none is left (q spans the space) the row is
-    zero. Returns (rows, dead)."""
+    repeated direction) is replaced by ``noise(i)`` (a generic vector, (n,))
+    orthogonal to q and to the rows before it; where none is left (q spans
+    the space) the row is zero. Returns (rows, dead, rows @ r.T), the last
+    upper triangular. r's rows are overwritten one by one (the coupling is
+    computed on the way), so no second block of vectors of x.size is kept;
+    a replacement (rare) costs a pass over q for that row alone."""
     eps = jnp.finfo(r.dtype).eps
-    # Gram-Schmidt's row norms are the diagonal of the Cholesky factor of r r^T: when none
-    # is small (the usual case), skip projecting the replacement rows (a pass over q).
-    # (Cholesky in floating point resolves only sqrt(eps): a row that keeps less than 1% of
-    # its norm is checked the slow way.)
-    chol = jnp.diag(jnp.linalg.cholesky(_gram(r, r, sharding)))
-    need = ~jnp.all(chol > jnp.maximum(2 * thresh, 1e-2 * jnp.linalg.norm(r, axis=1)))
-    alt_all = jax.lax.cond(need, lambda: _project_out(q, u, sharding), lambda: u)
-    rows: list[Array] = []
-    dead: list[Array] = []
-    for i in range(r.shape[0]):
-        v, alt = r[i], alt_all[i]
+    b = r.shape[0]
+
+    def orth(rows: Array, i: Array, v: Array) -> Array:  # against the rows before i, twice
+        before = (jnp.arange(b) < i).astype(v.dtype)
         for _ in range(2):
-            for prev in rows:
-                v = v - jnp.sum(v * prev) * prev
-                alt = alt - jnp.sum(alt * prev) * prev
-        strong = ~need | (jnp.linalg.norm(v) > thresh)
-        ok = strong | (jnp.linalg.norm(alt) > jnp.sqrt(eps) * jnp.linalg.norm(u[i]))
-        pick = jnp.where(strong, v, alt)
-        rows.append(jnp.where(ok, pick / jnp.where(ok, jnp.linalg.norm(pick), 1), 0))
-        dead.append(~ok)
-    return jnp.stack(rows), jnp.stack(dead)
+            v = v - (before * _gram(rows, v, sharding)) @ rows
+        return v
+
+    def body(i: Array, carry: tuple[Array, Array, Array]) -> tuple[Array, Array, Array]:
+        rows, dead, coupling = carry  # rows before i are done, rows from i are r's
+        v = orth(rows, i, rows[i])
+        norm = jnp.linalg.norm(v)
+
+        def replace() -> tuple[Array, Array]:
+            u = noise(i)
+            alt = orth(rows, i, _project_out(q, u[None], sharding)[0])
+            ok = jnp.linalg.norm(alt) > jnp.sqrt(eps) * jnp.linalg.norm(u)
+            return jnp.where(ok, alt / jnp.where(ok, jnp.linalg.norm(alt), 1), 0), ~ok
+
+        v, gone = jax.lax.cond(norm > thresh, lambda: (v / norm, jnp.zeros((), bool)), replace)
+        coupling = coupling.at[i].set(jnp.where(jnp.arange(b) >= i, _gram(rows, v, sharding), 0))
+        return rows.at[i].set(v), dead.at[i].set(gone), coupling
+
+    init = (r, jnp.zeros(b, bool), jnp.zeros((b, b), r.dtype))
+    rows, dead, coupling = jax.lax.fori_loop(0, b, body, init)
+    return _lay(sharding, rows), dead, coupling
+
+
+def _rotate(q: Array, w: Array, go: Array, sharding: Any = None) -> Array:
+    """``q`` replaced by ``w @ q`` (w: (rows, cap), the rows after them zero) where ``go``.
+
+    Unsharded, in place, by slices of columns (each column of the result
+    needs only that column of q): XLA keeps one (cap, n) buffer. Sharded
+    (slicing x's axis would gather it), one product: a second (cap, n)
+    buffer while it runs."""
+    cap, n = q.shape
+    if sharding is not None:
+        pad = _lay(sharding, jnp.zeros((cap - w.shape[0], n), q.dtype))
+        return jax.lax.cond(go, lambda: _lay(sharding, jnp.concatenate([w @ q, pad])), lambda: q)
+
+    def fn(start: Array, c: int, fresh: Array, q: Array) -> Array:
+        cols = jax.lax.dynamic_slice_in_dim(q, start, c, 1)
+        new = jnp.concatenate([w @ cols, jnp.zeros((cap - w.shape[0], c), q.dtype)])
+        return jax.lax.dynamic_update_slice_in_dim(q, jnp.where(fresh, new, cols), start, 1)
+
+    return _sweep(n, cap, fn, q, go)
 
 
 def _eig_init(x: Array, key: Array, cfg: _EigCfg) -> _EigState:
     dt = _dtype(x)
-    start = _lay(cfg.sharding, jax.random.normal(key, (cfg.b + 1, cfg.n), dt))
-    q = _lay(cfg.sharding, jnp.zeros((cfg.cap, cfg.n), dt))
-    block, dead = _new_block(q, start[1:], start[1:], jnp.zeros((), dt), cfg.sharding)
     seed = jax.random.bits(key, (), jnp.uint32)
+    # the start block from the integer hash, not jax.random.normal (whose threefry
+    # intermediates are several (b, n) integer arrays at once)
+    start = _noise(seed, jnp.asarray(-1, jnp.int32), (cfg.b, cfg.n), dt, cfg.sharding)
+    q = _lay(cfg.sharding, jnp.zeros((cfg.cap, cfg.n), dt))
+    block, dead, _ = _new_block(q, start, lambda i: start[i], jnp.zeros((), dt), cfg.sharding)
     q = _lay(cfg.sharding, q.at[: cfg.b].set(block))
     live = jnp.zeros(cfg.cap, bool).at[: cfg.b].set(~dead)
     z = jnp.zeros(cfg.k, dt)
@@ -722,7 +801,6 @@ def _eig_init(x: Array, key: Array, cfg: _EigCfg) -> _EigState:
         live,
         z,
         jnp.zeros((cfg.cap, cfg.k), dt),
-        z,
         jnp.full(cfg.k, jnp.inf, dt),
         jnp.zeros((), jnp.int32),
         jnp.zeros((), dt),
@@ -742,18 +820,19 @@ def _eig_step(st: _EigState, w: Array, tol: Any, cfg: _EigCfg) -> _EigState:
     dt = st.q.dtype
     eps = jnp.finfo(dt).eps
     s, q = st.s, st.q
-    h = _gram(q, w, cfg.sharding)  # (cap, b): rows past the block are zero
+    h = _gram_q(q, w, cfg.sharding)  # (cap, b): rows past the block are zero
     diag = jax.lax.dynamic_slice_in_dim(h, s, b, 0)
     h = jax.lax.dynamic_update_slice_in_dim(h, (diag + diag.T) / 2, s, 0)
     t = jax.lax.dynamic_update_slice_in_dim(st.t, h, s, 1)
     t = jax.lax.dynamic_update_slice_in_dim(t, h.T, s, 0)
     scale = jnp.maximum(st.scale, jnp.max(jnp.linalg.norm(w, axis=1)))
-    u = _noise(st.seed, st.matvecs, w.shape, dt, cfg.sharding)
-    new, dead = _new_block(q, _project_out(q, w, cfg.sharding), u, 100 * eps * scale, cfg.sharding)
-    new = _lay(cfg.sharding, new)
-    coupling = _gram(
-        new, w, cfg.sharding
-    )  # (b, b): the new block's coupling to the one just multiplied
+    new, dead, coupling = _new_block(
+        q,
+        _project_out(q, w, cfg.sharding),
+        lambda i: _noise(st.seed, st.matvecs, (1, cfg.n), dt, cfg.sharding, i)[0],
+        100 * eps * scale,
+        cfg.sharding,
+    )
     s1 = s + b
     theta, u, valid = _ritz(t, (jnp.arange(cap) < s1) & st.live)
     low = k // 2 if cfg.which == "BE" else 0
@@ -761,52 +840,57 @@ def _eig_step(st: _EigState, w: Array, tol: Any, cfg: _EigCfg) -> _EigState:
     vals, coef = theta[sel], u[:, sel]
     last = jax.lax.dynamic_slice_in_dim(u, s, b, 0)[:, sel]  # (b, k)
     res = jnp.linalg.norm(coupling @ last, axis=0)
-    change = jnp.abs(vals - st.vals)
-    # geometric convergence at the rate of the last two changes: what is still to come
-    rate = jnp.where(st.change > 0, change / st.change, 0.0)
-    ahead = jnp.where(rate < 1, change * rate / (1 - rate), jnp.inf)
+    # Converged when every wanted Ritz pair's residual |A v - theta v| is within tol of
+    # theta: an eigenvalue then lies within that of theta (and typically far closer:
+    # res**2 / gap). (A res**2 / gap rule with the gap to the next Ritz value stopped early
+    # on small bases, whose Ritz values leave eigenvalues in between unseen.)
     bound = jnp.asarray(tol, dt) * jnp.abs(vals) + 10 * eps * scale
-    settled = (st.matvecs > b) & jnp.all(change <= bound) & jnp.all(ahead <= bound)
+    settled = (st.matvecs > b) & jnp.all(res <= bound)
     exhausted = jnp.all(dead)
     matvecs = st.matvecs + b
     converged = settled | exhausted
     done = converged | (matvecs + b > cfg.budget)
     _progress(cfg.progress, "eigenvalues", matvecs, jnp.sort(vals)[::-1])
 
-    def grow() -> tuple[Array, Array, Array, Array]:
-        q1 = jax.lax.dynamic_update_slice_in_dim(q, new, s1, 0)
-        live = jax.lax.dynamic_update_slice_in_dim(st.live, ~dead, s1, 0)
-        return q1, t, s1, live
-
-    def restart() -> tuple[Array, Array, Array, Array]:
-        kept = _select(theta, valid, cfg.which, cfg.keep, cfg.keep // 2 if low else 0)
-        ok = valid[kept]
-        y = jnp.where(ok[:, None], u[:, kept].T @ q, 0)  # (keep, n): the only new rows
-        # q is rewritten in place (no second (cap, n) buffer): kept Ritz vectors, the new
-        # block, zero rows after it.
-        q1 = q.at[: cfg.keep].set(y).at[cfg.keep : cfg.keep + b].set(new)
-        q1 = jnp.where((jnp.arange(cap) < cfg.keep + b)[:, None], q1, 0)
-        t1 = (
-            jnp.zeros_like(t)
-            .at[: cfg.keep, : cfg.keep]
-            .set(jnp.diag(jnp.where(ok, theta[kept], 0)))
-        )
-        live = jnp.zeros(cap, bool).at[: cfg.keep].set(ok).at[cfg.keep : cfg.keep + b].set(~dead)
-        return _lay(cfg.sharding, q1), t1, jnp.asarray(cfg.keep, s1.dtype), live
-
-    def same() -> tuple[Array, Array, Array, Array]:  # done: coef refers to these rows
-        return q, t, s1, st.live
-
-    branch = jnp.where(done, 0, jnp.where(s1 + b <= cap, 1, 2))
-    q, t, s_next, live = jax.lax.switch(branch, [same, grow, restart])
+    # q is updated in place (XLA keeps one (cap, n) buffer): at a restart the kept Ritz
+    # vectors are rotated into the first rows and the rest zeroed, then the new block is
+    # written after the last filled row (not at all once done: coef refers to these rows).
+    restart = ~done & (s1 + b > cap)
+    kept = _select(theta, valid, cfg.which, cfg.keep, cfg.keep // 2 if low else 0)
+    ok = valid[kept]
+    q = _rotate(q, jnp.where(ok[:, None], u[:, kept].T, 0), restart, cfg.sharding)
+    s_next = jnp.where(restart, cfg.keep, s1)
+    q = jax.lax.dynamic_update_slice_in_dim(
+        q, jnp.where(done, jax.lax.dynamic_slice_in_dim(q, s_next, b, 0), new), s_next, 0
+    )
+    fresh = (
+        jnp.zeros((cap, cap), dt)
+        .at[: cfg.keep, : cfg.keep]
+        .set(jnp.diag(jnp.where(ok, theta[kept], 0)))
+    )
+    t = jnp.where(restart, fresh, t)
+    live = jnp.where(restart, jnp.zeros(cap, bool).at[: cfg.keep].set(ok), st.live)
+    live = jnp.where(done, live, jax.lax.dynamic_update_slice_in_dim(live, ~dead, s_next, 0))
+    s_next = jnp.where(done, s1, s_next)
     return _EigState(
-        q, t, s_next, live, vals, coef, res, change, matvecs, scale, done, converged, st.seed
+        _lay(cfg.sharding, q),
+        t,
+        s_next,
+        live,
+        vals,
+        coef,
+        res,
+        matvecs,
+        scale,
+        done,
+        converged,
+        st.seed,
     )
 
 
 def _eig_finish(st: _EigState, cfg: _EigCfg) -> tuple[Array, Array, EigenInfo]:
     order = jnp.argsort(-st.vals)
-    vecs = st.coef[:, order].T @ st.q
+    vecs = _minus(jnp.zeros((cfg.k, cfg.n), st.q.dtype), -st.coef[:, order].T, st.q, cfg.sharding)
     vecs = vecs / jnp.maximum(
         jnp.linalg.norm(vecs, axis=1, keepdims=True), jnp.finfo(vecs.dtype).tiny
     )
@@ -874,21 +958,29 @@ def eigenvalues(
     orthogonalised against the whole kept basis, and the Rayleigh-Ritz values
     of the basis approximate the eigenvalues. When the basis is full it
     restarts from its best Ritz vectors, so memory stays bounded. It stops
-    when each wanted Ritz value changed by at most ``tol`` relative to itself
-    in the last step, and so would the change still to come if convergence
-    went on at the rate of the last two steps, or when the basis spans the
-    whole space, or after ``iters * k`` products. ``info=True`` says which.
+    when each wanted Ritz pair's residual ``|A v - theta v|`` is at most
+    ``tol`` relative to ``theta`` (so the change still to come is below that:
+    an eigenvalue lies within the residual of ``theta``, and typically within
+    ``residual**2 / gap``), or when the basis spans the whole space, or after
+    ``iters * k`` products. ``info=True`` says which.
 
     An eigenvalue repeated up to ``min(k, 16)`` times comes back repeated (a
     single-vector Krylov method cannot see multiplicity). No mode returns
     spurious eigenvalues: every vector is kept orthogonal to the basis.
 
     Memory: beyond what ``f``'s gradient (times the block) needs, ``basis``
-    vectors of ``x.size`` (default ``max(30, 5 * k)``, fewer where they would
-    exceed 256 MiB, never fewer than ``k + 2 * block``; capped by what the
-    space needs); XLA keeps about two more copies of it while it runs. ``basis=iters * k + k`` keeps every vector (full
-    reorthogonalisation, no restart); each step's Rayleigh-Ritz then costs
-    ``basis ** 3``, so keep that for small runs.
+    vectors of ``x.size`` and about three blocks more while a step runs (one
+    compiled program: the basis is updated in place, and on one device the
+    products with it go by slices of columns; a sharded ``x`` adds a second
+    basis while a restart runs). The default basis is ``max(30, 5 * k)``
+    vectors, fewer where they would exceed 256 MiB, but never fewer than
+    ``k + 1 + 2 * block`` (``k + 1`` Ritz vectors kept at a restart: fewer
+    converge slowly) nor ``k + 2 * block``; capped by what the space needs.
+    For example 1M float32 parameters, ``k=10``: 50 vectors (193 MiB), XLA's
+    temporaries 322 MiB; 124M parameters, ``k=1``: 4 vectors (1.9 GiB).
+    ``basis=iters * k + k`` keeps every vector (full reorthogonalisation,
+    no restart); each step's Rayleigh-Ritz then costs ``basis ** 3``, so
+    keep that for small runs.
 
     Args:
       f: scalar function of the flat vector (``f(x, batch)`` with ``data``),
@@ -900,12 +992,13 @@ def eigenvalues(
         (negative curvature), ``"LM"`` the largest in magnitude, ``"BE"``
         both ends (``k // 2`` from the bottom, the rest from the top).
       iters: at most ``iters * k`` products.
-      tol: relative change per step below which a Ritz value has converged.
+      tol: a Ritz pair has converged when its residual is at most ``tol``
+        times its value.
       data: as in :func:`hvp`.
       info: also return an :class:`EigenInfo`.
       progress: report progress on stderr (also under ``jax.jit``).
       basis: vectors kept (``>= k + 2 * block``); default ``max(30, 5 * k)``,
-        fewer above 256 MiB.
+        fewer above 256 MiB, at least ``k + 1 + 2 * block``.
 
     Returns:
       ``(vals, vecs)`` or ``(vals, vecs, info)``: ``vals`` of shape ``(k,)``,
@@ -948,11 +1041,14 @@ def eigenvalues(
     progress = _check_bool("eigenvalues", "progress", progress)
     b = min(k, 16)
     if basis is None:
-        cap = max(k + 2 * b, min(max(30, 5 * k), _BASIS_BYTES // (n * _dtype(x).itemsize)))
+        # at least k + 1 Ritz vectors kept at a restart (fewer converge slowly: measured in
+        # benchmarks/CURVATURE.md), even where that exceeds _BASIS_BYTES
+        low = k + 1 + 2 * b
+        cap = max(low, min(max(30, 5 * k), _BASIS_BYTES // (n * _dtype(x).itemsize)))
     else:
         cap = _check_int("eigenvalues", "basis", basis, k + 2 * b)
     cap = min(cap, n + b)  # the whole space and one (empty) block more
-    keep = max(k, (cap - b) // 2)
+    keep = max(k, (cap - b) // 2, min(k + 1, cap - 2 * b))  # k + 1 where the basis allows
     prepared = _prepare("eigenvalues", data)
     cfg = _EigCfg(n, k, b, cap, keep, which, iters * k, _layout_of(x), progress)
     vals, vecs, out_info = _run(
