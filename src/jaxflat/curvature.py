@@ -840,12 +840,17 @@ def _eig_step(st: _EigState, w: Array, tol: Any, cfg: _EigCfg) -> _EigState:
     vals, coef = theta[sel], u[:, sel]
     last = jax.lax.dynamic_slice_in_dim(u, s, b, 0)[:, sel]  # (b, k)
     res = jnp.linalg.norm(coupling @ last, axis=0)
-    # Converged when every wanted Ritz pair's residual |A v - theta v| is within tol of
-    # theta: an eigenvalue then lies within that of theta (and typically far closer:
-    # res**2 / gap). (A res**2 / gap rule with the gap to the next Ritz value stopped early
-    # on small bases, whose Ritz values leave eigenvalues in between unseen.)
+    # Converged when every wanted Ritz value changed by at most tol relative to itself in the
+    # last step, and its error bound is within that too: an eigenvalue lies within
+    # min(res, res**2 / gap) of theta (gap: to the nearest other Ritz value). Either alone
+    # stops early: a slow change in a tight cluster, or a small basis's Ritz values
+    # leaving eigenvalues in between unseen (which overstates the gap).
+    others = valid[None, :] & (jnp.arange(cap)[None, :] != sel[:, None])
+    gap = jnp.min(jnp.where(others, jnp.abs(theta[None, :] - vals[:, None]), jnp.inf), axis=1)
+    err = jnp.minimum(res, res**2 / jnp.maximum(gap, jnp.finfo(dt).tiny))
     bound = jnp.asarray(tol, dt) * jnp.abs(vals) + 10 * eps * scale
-    settled = (st.matvecs > b) & jnp.all(res <= bound)
+    change = jnp.abs(vals - st.vals)
+    settled = (st.matvecs > b) & jnp.all(change <= bound) & jnp.all(err <= bound)
     exhausted = jnp.all(dead)
     matvecs = st.matvecs + b
     converged = settled | exhausted
@@ -958,11 +963,12 @@ def eigenvalues(
     orthogonalised against the whole kept basis, and the Rayleigh-Ritz values
     of the basis approximate the eigenvalues. When the basis is full it
     restarts from its best Ritz vectors, so memory stays bounded. It stops
-    when each wanted Ritz pair's residual ``|A v - theta v|`` is at most
-    ``tol`` relative to ``theta`` (so the change still to come is below that:
-    an eigenvalue lies within the residual of ``theta``, and typically within
-    ``residual**2 / gap``), or when the basis spans the whole space, or after
-    ``iters * k`` products. ``info=True`` says which.
+    when every wanted Ritz value ``theta`` changed by at most ``tol``
+    relative to itself in the last step and its error bound is within that
+    too (an eigenvalue lies within ``min(res, res**2 / gap)`` of ``theta``:
+    ``res`` the residual ``|A v - theta v|``, ``gap`` the distance to the
+    nearest other Ritz value), or when the basis spans the whole space, or
+    after ``iters * k`` products. ``info=True`` says which, with the residuals.
 
     An eigenvalue repeated up to ``min(k, 16)`` times comes back repeated (a
     single-vector Krylov method cannot see multiplicity). No mode returns
@@ -992,8 +998,8 @@ def eigenvalues(
         (negative curvature), ``"LM"`` the largest in magnitude, ``"BE"``
         both ends (``k // 2`` from the bottom, the rest from the top).
       iters: at most ``iters * k`` products.
-      tol: a Ritz pair has converged when its residual is at most ``tol``
-        times its value.
+      tol: a Ritz value has converged when its last change and its error
+        bound are at most ``tol`` times its value.
       data: as in :func:`hvp`.
       info: also return an :class:`EigenInfo`.
       progress: report progress on stderr (also under ``jax.jit``).
