@@ -650,6 +650,35 @@ def _gram(a: Array, b: Array, sharding: Any = None) -> Array:
     return a @ b.T
 
 
+def _mix(h: Array) -> Array:
+    """A bijective 32-bit integer finaliser (Wellons' lowbias32): every output bit depends on
+    every input bit."""
+    u32 = jnp.uint32
+    for shift, mul in ((16, 0x7FEB352D), (15, 0x846CA68B)):
+        h = (h ^ (h >> u32(shift))) * u32(mul)
+    return h ^ (h >> u32(16))
+
+
+def _seed(key: Array) -> Array:
+    """One 32-bit seed from a key's words (no random-number program to compile)."""
+    data = key if key.dtype == jnp.uint32 else jax.random.key_data(key)
+    seed = jnp.uint32(0x243F6A88)
+    for word in data.reshape(-1):
+        seed = _mix(seed ^ word)
+    return seed
+
+
+def _signs(seed: Array, first: Array, size: int, n: int, dtype: Any) -> Array:
+    """Rows ``first .. first + size`` of a stream of Rademacher vectors (n,) from ``seed``:
+    32 signs from each 32-bit word, word ``j`` of row ``p`` a hash of (seed, p, j)."""
+    u32 = jnp.uint32
+    rows = _mix(_mix(first.astype(u32) + jnp.arange(size, dtype=u32)) ^ seed)
+    j = jnp.arange(-(-n // 32), dtype=u32) * u32(0x9E3779B1)
+    words = _mix(_mix(j[None, :] ^ rows[:, None]) + rows[:, None] * u32(0x85EBCA77))
+    bits = (words[:, :, None] >> jnp.arange(32, dtype=u32)[None, None, :]) & u32(1)
+    return 2 * bits.reshape(size, -1)[:, :n].astype(dtype) - 1
+
+
 def _noise(
     seed: Array, step: Array, shape: tuple[int, ...], dtype: Any, sharding: Any, row: Any = 0
 ) -> Array:
@@ -665,9 +694,7 @@ def _noise(
         + step.astype(u32) * u32(0xC2B2AE3D)
         + seed.astype(u32)
     )
-    for shift, mul in ((16, 0x7FEB352D), (15, 0x846CA68B)):
-        h = (h ^ (h >> u32(shift))) * u32(mul)
-    h = h ^ (h >> u32(16))
+    h = _mix(h)
     return _lay(sharding, (h >> u32(8)).astype(dtype) / 2**24 - 0.5)
 
 
@@ -716,10 +743,24 @@ def _minus(w: Array, coef: Array, q: Array, sharding: Any = None) -> Array:
     return _sweep(q.shape[1], q.shape[0], fn, w)
 
 
-def _project_out(q: Array, w: Array, sharding: Any = None) -> Array:
-    for _ in range(2):  # classical Gram-Schmidt, twice
-        w = _minus(w, _gram_q(q, w, sharding).T, q, sharding)
-    return w
+def _project_out(q: Array, w: Array, sharding: Any = None, raw: Array | None = None) -> Array:
+    """``w`` (b, n) less its projection on q's rows: classical Gram-Schmidt twice, in three
+    passes over q (two if ``raw = q @ w.T`` is known): the first subtraction and the second
+    pass's coefficients go slice by slice in one sweep."""
+    raw = _gram_q(q, w, sharding) if raw is None else raw
+    if sharding is not None:
+        w = w - raw.T @ q
+        return w - _gram(q, w, sharding).T @ q
+
+    def fn(start: Array, c: int, fresh: Array, carry: tuple[Array, Array]) -> Any:
+        w, acc = carry
+        qs, old = (jax.lax.dynamic_slice_in_dim(a, start, c, 1) for a in (q, w))
+        new = jnp.where(fresh, old - raw.T @ qs, old)
+        acc = acc + qs @ jnp.where(fresh, new, 0).T
+        return jax.lax.dynamic_update_slice_in_dim(w, new, start, 1), acc
+
+    w, again = _sweep(q.shape[1], q.shape[0], fn, (w, jnp.zeros_like(raw)))
+    return _minus(w, again.T, q)
 
 
 def _new_block(
@@ -785,7 +826,7 @@ def _rotate(q: Array, w: Array, go: Array, sharding: Any = None) -> Array:
 
 def _eig_init(x: Array, key: Array, cfg: _EigCfg) -> _EigState:
     dt = _dtype(x)
-    seed = jax.random.bits(key, (), jnp.uint32)
+    seed = _seed(key)
     # the start block from the integer hash, not jax.random.normal (whose threefry
     # intermediates are several (b, n) integer arrays at once)
     start = _noise(seed, jnp.asarray(-1, jnp.int32), (cfg.b, cfg.n), dt, cfg.sharding)
@@ -820,15 +861,15 @@ def _eig_step(st: _EigState, w: Array, tol: Any, cfg: _EigCfg) -> _EigState:
     dt = st.q.dtype
     eps = jnp.finfo(dt).eps
     s, q = st.s, st.q
-    h = _gram_q(q, w, cfg.sharding)  # (cap, b): rows past the block are zero
-    diag = jax.lax.dynamic_slice_in_dim(h, s, b, 0)
-    h = jax.lax.dynamic_update_slice_in_dim(h, (diag + diag.T) / 2, s, 0)
+    raw = _gram_q(q, w, cfg.sharding)  # (cap, b): rows past the block are zero
+    diag = jax.lax.dynamic_slice_in_dim(raw, s, b, 0)
+    h = jax.lax.dynamic_update_slice_in_dim(raw, (diag + diag.T) / 2, s, 0)
     t = jax.lax.dynamic_update_slice_in_dim(st.t, h, s, 1)
     t = jax.lax.dynamic_update_slice_in_dim(t, h.T, s, 0)
     scale = jnp.maximum(st.scale, jnp.max(jnp.linalg.norm(w, axis=1)))
     new, dead, coupling = _new_block(
         q,
-        _project_out(q, w, cfg.sharding),
+        _project_out(q, w, cfg.sharding, raw),
         lambda i: _noise(st.seed, st.matvecs, (1, cfg.n), dt, cfg.sharding, i)[0],
         100 * eps * scale,
         cfg.sharding,
@@ -1089,24 +1130,6 @@ class _Moments(NamedTuple):
     m2: Array  # sum of squared deviations from the mean
 
 
-def _mix(h: Array) -> Array:
-    """A bijective 32-bit integer finaliser (Wellons' lowbias32): every output bit depends on
-    every input bit."""
-    u32 = jnp.uint32
-    for shift, mul in ((16, 0x7FEB352D), (15, 0x846CA68B)):
-        h = (h ^ (h >> u32(shift))) * u32(mul)
-    return h ^ (h >> u32(16))
-
-
-def _seed(key: Array) -> Array:
-    """One 32-bit seed from a key's words (no random-number program to compile)."""
-    data = key if key.dtype == jnp.uint32 else jax.random.key_data(key)
-    seed = jnp.uint32(0x243F6A88)
-    for word in data.reshape(-1):
-        seed = _mix(seed ^ word)
-    return seed
-
-
 def _probes(key: Array, i: Any, size: int, x: Array, cfg: _HutchCfg) -> Array:
     """Probes ``i * block .. + size`` as Rademacher rows: 32 signs from each 32-bit word.
 
@@ -1114,15 +1137,8 @@ def _probes(key: Array, i: Any, size: int, x: Array, cfg: _HutchCfg) -> Array:
     whatever the block size, and an integer hash compiles in a fraction of the
     time of ``jax.random`` in a loop body (Hutchinson needs independent fair
     signs, not a cryptographic stream)."""
-    u32 = jnp.uint32
-    rows = _mix(
-        _mix(jnp.asarray(i, u32) * u32(cfg.block) + jnp.arange(size, dtype=u32)) ^ _seed(key)
-    )
-    j = jnp.arange(-(-cfg.n // 32), dtype=u32) * u32(0x9E3779B1)
-    words = _mix(_mix(j[None, :] ^ rows[:, None]) + rows[:, None] * u32(0x85EBCA77))
-    bits = (words[:, :, None] >> jnp.arange(32, dtype=u32)[None, None, :]) & u32(1)
-    z = 2 * bits.reshape(size, -1)[:, : cfg.n].astype(_dtype(x)) - 1
-    return _lay(cfg.sharding, z)
+    first = jnp.asarray(i, jnp.uint32) * jnp.uint32(cfg.block)
+    return _lay(cfg.sharding, _signs(_seed(key), first, size, cfg.n, _dtype(x)))
 
 
 def _combine(m: _Moments, z: Array, hz: Array, cfg: _HutchCfg) -> _Moments:
@@ -1364,8 +1380,8 @@ def _unit(v: Array) -> Array:
 
 def _dens_init(x: Array, key: Array, cfg: _DensCfg) -> _LanState:
     dt = _dtype(x)
-    q = _lay(cfg.sharding, _unit(jax.random.normal(key, (cfg.runs, cfg.n), dt)))
-    seed = jax.random.bits(jax.random.fold_in(key, 1), (), jnp.uint32)
+    seed = _seed(key)  # Rademacher start vectors, as Hutchinson's probes
+    q = _lay(cfg.sharding, _unit(_signs(seed ^ jnp.uint32(1), jnp.uint32(0), cfg.runs, cfg.n, dt)))
     zr, zm = jnp.zeros(cfg.runs, dt), jnp.zeros((cfg.runs, cfg.m), dt)
     basis = _lay(cfg.sharding, jnp.zeros((cfg.runs, cfg.r, cfg.n), dt))
     return _LanState(jnp.zeros((), jnp.int32), q, jnp.zeros_like(q), zr, zm, zm, basis, zr, seed)
