@@ -4,8 +4,10 @@ One contract: every path gives exactly the bits of the reference
 (``_layout.concat`` / ``_layout.split``); the tests pin that. Paths, chosen
 per call in :func:`_path`:
 
-* ``traced`` (inside ``jit``, ``grad``, ``vmap``): the reference itself, or
-  the mesh backend's moves for parameters sharded over a mesh.
+* ``traced`` (inside ``jit``, ``grad``, ``vmap``): the reference concatenate
+  and, for the rebuild, ``_layout.split_traced`` (the reference's bits in a
+  form XLA compiles faster; its tangent is the reference), or the mesh
+  backend's moves for parameters sharded over a mesh.
 * ``mesh`` (concrete parameters sharded over a mesh, or ``sharding=``): the
   mesh backend (``_mesh``), one jitted program per layout.
 * ``host`` (concrete arrays on one CPU device): numpy, no compile, so a new
@@ -195,6 +197,8 @@ def _split(layout: Layout, v: jax.Array) -> list[Any]:
     place = _place_of(v)
     path, device = _path(layout, place), place.device
     if path == "traced":
+        if layout.shardings is None:
+            return _layout.split_traced(v, layout.shapes, layout.dtypes)
         return _mesh.rebuild(layout, v)
     if path == "mesh":
         flat_sharding, target = _mesh.placement(layout)
