@@ -243,7 +243,7 @@ def _bits(x):
     return x.view(f"uint{8 * x.dtype.itemsize}") if x.dtype.kind in "fc" else x
 
 
-# Repeated sizes (more of one than a reduce takes), a size of its own, an empty
+# Repeated sizes, more leaves than one reduce of offsets takes, an empty
 # leaf, a scalar; leaves narrower than the vector (cast back).
 SPLIT_CASES = [
     (

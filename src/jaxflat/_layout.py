@@ -149,27 +149,31 @@ def split(v: jax.Array, shapes: Sequence[Shape], dtypes: Sequence[Any]) -> list[
     return [cast(p.reshape(*lead, *s), d) for p, s, d in zip(pieces, shapes, dtypes, strict=True)]
 
 
-# Pieces per reduce in :func:`split_traced` (at 1000 leaves, 25-100 compiled
-# fastest; one reduce of 1000 outputs took 21 s, its kernel 7 MB of LLVM IR).
-GROUP = 32
+# Offsets per reduce in :func:`split_traced`: one reduce of 1000 outputs took
+# 8.6 s to compile (7 MB of LLVM IR), 25 per reduce 7.6 s for the whole loss.
+GROUP = 25
 
 
 def split_traced(v: Any, shapes: Sequence[Shape], dtypes: Sequence[Any]) -> list[Any]:
     """:func:`split`'s bits, in a form XLA:CPU compiles several times faster
-    under ``jit``: its compile was 5-11x the tree's (issue 17).
+    under ``jit``: a loss through ``split`` compiled in 5-11x the time of the
+    same loss on the tree (issue 17).
 
-    Why: XLA:CPU compiles one kernel per distinct fusion, and fusions that
-    are equal (the same ops on the same shapes) share one. A loss on the
-    tree gives equal fusions for equal-shaped leaves; a slice of ``v`` is
-    fused into the consumer with its offset, so every leaf's consumer is a
-    kernel of its own. Here the pieces of each size leave through a
-    variadic reduce (``bits | 0`` over a stacked zero: the bits exactly, in
-    any order), which XLA does not fuse into consumers: they see separate
-    buffers, as on the tree. The pieces are copied once, like a slice that
-    is not fused. The tangent is :func:`split`, whose transpose is one
-    concatenate. ``v`` of several dimensions or complex: :func:`split`.
+    Why: XLA:CPU compiles one kernel per distinct fusion, and equal fusions
+    (the same ops on the same shapes) share one. A loss on the tree gives
+    equal fusions for equal-shaped leaves; a slice of ``v`` is fused into
+    its consumer with its offset as a constant, so every leaf's consumer is
+    a kernel of its own. Here each piece is a ``dynamic_slice`` whose offset
+    XLA cannot fold (the offset plus ``min(bits of v[0], 0)``, which is 0
+    for every ``v``, computed by a variadic reduce of ``GROUP`` offsets that
+    XLA does not fuse into consumers), so the consumers of equal-shaped
+    pieces are equal fusions. The offsets are in bounds, so the pieces are
+    the same bits. The tangent is :func:`split`, whose transpose is one
+    concatenate. ``v`` of several dimensions, empty, or of 2**31 elements or
+    more: :func:`split`.
     """
-    if v.ndim != 1 or len(shapes) < 2 or jnp.issubdtype(v.dtype, jnp.complexfloating):
+    n = v.shape[-1]
+    if v.ndim != 1 or len(shapes) < 2 or n == 0 or n >= 2**31:
         return split(v, shapes, dtypes)
     return _split_traced(tuple(shapes), tuple(dtypes), v)  # type: ignore[no-any-return]
 
@@ -177,24 +181,22 @@ def split_traced(v: Any, shapes: Sequence[Shape], dtypes: Sequence[Any]) -> list
 @functools.partial(jax.custom_jvp, nondiff_argnums=(0, 1))
 def _split_traced(shapes: tuple[Shape, ...], dtypes: tuple[Any, ...], v: Any) -> list[Any]:
     sizes = [math.prod(s) for s in shapes]
-    pieces = list(lax.split(v, sizes))
-    bits = np.dtype(f"uint{8 * v.dtype.itemsize}")
-    members: dict[int, list[int]] = {}
-    for i, n in enumerate(sizes):
-        members.setdefault(n, []).append(i)
-    for n, same in members.items():
-        for k in range(0, len(same) if n and len(same) > 1 else 0, GROUP):
-            group = same[k : k + GROUP]
-            zero = jnp.zeros((n,), bits)
-            stacked = [jnp.stack([lax.bitcast_convert_type(pieces[i], bits), zero]) for i in group]
-            out = lax.reduce(stacked, [bits.type(0)] * len(group), _or, (0,))
-            for i, x in zip(group, out, strict=True):
-                pieces[i] = lax.bitcast_convert_type(x, v.dtype)
-    return [cast(p.reshape(s), d) for p, s, d in zip(pieces, shapes, dtypes, strict=True)]
+    starts = list(itertools.accumulate(sizes, initial=0))[:-1]
+    x = v[0].real if jnp.issubdtype(v.dtype, jnp.complexfloating) else v[0]
+    bits = lax.bitcast_convert_type(x, np.dtype(f"uint{8 * x.dtype.itemsize}"))
+    zero = jnp.minimum(bits, 0).astype(np.int32)
+    offsets: list[Any] = []
+    for k in range(0, len(starts), GROUP):
+        pairs = [jnp.stack([np.int32(s), zero]) for s in starts[k : k + GROUP]]
+        offsets += lax.reduce(pairs, [np.int32(0)] * len(pairs), _add, (0,))
+    return [
+        cast(lax.dynamic_slice_in_dim(v, o, n).reshape(s), d)
+        for o, n, s, d in zip(offsets, sizes, shapes, dtypes, strict=True)
+    ]
 
 
-def _or(a: Sequence[Any], b: Sequence[Any]) -> list[Any]:
-    return [x | y for x, y in zip(a, b, strict=True)]
+def _add(a: Sequence[Any], b: Sequence[Any]) -> list[Any]:
+    return [x + y for x, y in zip(a, b, strict=True)]
 
 
 @_split_traced.defjvp
