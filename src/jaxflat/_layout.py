@@ -180,6 +180,14 @@ def split_traced(v: Any, shapes: Sequence[Shape], dtypes: Sequence[Any]) -> list
 
 @functools.partial(jax.custom_jvp, nondiff_argnums=(0, 1))
 def _split_traced(shapes: tuple[Shape, ...], dtypes: tuple[Any, ...], v: Any) -> list[Any]:
+    # Under vmap the offsets would be batched (from v[0]): dynamic slices at
+    # batched offsets are gathers, 1.8x slower to run. A batch takes split.
+    cut = jax.custom_batching.custom_vmap(functools.partial(_cut, shapes, dtypes))
+    cut.def_vmap(lambda _, batched, v: (split(v, shapes, dtypes), [batched[0]] * len(shapes)))
+    return cut(v)  # type: ignore[no-any-return]
+
+
+def _cut(shapes: tuple[Shape, ...], dtypes: tuple[Any, ...], v: Any) -> list[Any]:
     sizes = [math.prod(s) for s in shapes]
     starts = list(itertools.accumulate(sizes, initial=0))[:-1]
     x = v[0].real if jnp.issubdtype(v.dtype, jnp.complexfloating) else v[0]
