@@ -744,23 +744,13 @@ def _minus(w: Array, coef: Array, q: Array, sharding: Any = None) -> Array:
 
 
 def _project_out(q: Array, w: Array, sharding: Any = None, raw: Array | None = None) -> Array:
-    """``w`` (b, n) less its projection on q's rows: classical Gram-Schmidt twice, in three
-    passes over q (two if ``raw = q @ w.T`` is known): the first subtraction and the second
-    pass's coefficients go slice by slice in one sweep."""
+    """``w`` (b, n) less its projection on q's rows: classical Gram-Schmidt twice, the first
+    pass's coefficients ``raw = q @ w.T`` given where known (a pass over q less). (One sweep
+    for the first subtraction and the second coefficients measured 2.3x slower: 0.54 s
+    against 0.24 s at 20M parameters and 4 vectors.)"""
     raw = _gram_q(q, w, sharding) if raw is None else raw
-    if sharding is not None:
-        w = w - raw.T @ q
-        return w - _gram(q, w, sharding).T @ q
-
-    def fn(start: Array, c: int, fresh: Array, carry: tuple[Array, Array]) -> Any:
-        w, acc = carry
-        qs, old = (jax.lax.dynamic_slice_in_dim(a, start, c, 1) for a in (q, w))
-        new = jnp.where(fresh, old - raw.T @ qs, old)
-        acc = acc + qs @ jnp.where(fresh, new, 0).T
-        return jax.lax.dynamic_update_slice_in_dim(w, new, start, 1), acc
-
-    w, again = _sweep(q.shape[1], q.shape[0], fn, (w, jnp.zeros_like(raw)))
-    return _minus(w, again.T, q)
+    w = _minus(w, raw.T, q, sharding)
+    return _minus(w, _gram_q(q, w, sharding).T, q, sharding)
 
 
 def _new_block(
