@@ -769,6 +769,8 @@ def _new_block(
     b = r.shape[0]
 
     def orth(rows: Array, i: Array, v: Array) -> Array:  # against the rows before i, twice
+        if b == 1:  # no row before: four passes over a vector of x.size saved (k=1)
+            return v
         before = (jnp.arange(b) < i).astype(v.dtype)
         for _ in range(2):
             v = v - (before * _gram(rows, v, sharding)) @ rows
