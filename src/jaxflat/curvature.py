@@ -668,34 +668,33 @@ def _seed(key: Array) -> Array:
     return seed
 
 
-def _signs(seed: Array, first: Array, size: int, n: int, dtype: Any) -> Array:
-    """Rows ``first .. first + size`` of a stream of Rademacher vectors (n,) from ``seed``:
-    32 signs from each 32-bit word, word ``j`` of row ``p`` a hash of (seed, p, j)."""
+def _words(seed: Array, first: Any, size: int, m: int) -> Array:
+    """Rows ``first .. first + size`` of a stream of 32-bit words (size, m) from ``seed``:
+    word ``j`` of row ``p`` a hash of (seed, p, j). Every random start and probe comes from
+    here: an integer hash compiles in a fraction of the time of ``jax.random`` in a loop
+    body."""
     u32 = jnp.uint32
-    rows = _mix(_mix(first.astype(u32) + jnp.arange(size, dtype=u32)) ^ seed)
-    j = jnp.arange(-(-n // 32), dtype=u32) * u32(0x9E3779B1)
-    words = _mix(_mix(j[None, :] ^ rows[:, None]) + rows[:, None] * u32(0x85EBCA77))
-    bits = (words[:, :, None] >> jnp.arange(32, dtype=u32)[None, None, :]) & u32(1)
+    rows = _mix(_mix(jnp.asarray(first).astype(u32) + jnp.arange(size, dtype=u32)) ^ seed)
+    j = jnp.arange(m, dtype=u32) * u32(0x9E3779B1)
+    return _mix(_mix(j[None, :] ^ rows[:, None]) + rows[:, None] * u32(0x85EBCA77))
+
+
+def _signs(seed: Array, first: Any, size: int, n: int, dtype: Any) -> Array:
+    """Rademacher rows (size, n) of the stream: 32 signs from each word."""
+    words = _words(seed, first, size, -(-n // 32))
+    bits = (words[:, :, None] >> jnp.arange(32, dtype=jnp.uint32)[None, None, :]) & jnp.uint32(1)
     return 2 * bits.reshape(size, -1)[:, :n].astype(dtype) - 1
 
 
 def _noise(
     seed: Array, step: Array, shape: tuple[int, ...], dtype: Any, sharding: Any, row: Any = 0
 ) -> Array:
-    """Vectors in general position for restarts, from an integer hash of (seed, step, row, index)
-    (rows ``row`` on).
-
-    They need not be statistically random, only not special; this compiles in
-    a fraction of the time of ``jax.random`` inside a loop body."""
-    u32 = jnp.uint32
-    i = jnp.arange(shape[1], dtype=u32)[None, :] * u32(0x9E3779B1)
-    h = i + (
-        (jnp.arange(shape[0], dtype=u32) + jnp.asarray(row).astype(u32))[:, None] * u32(0x85EBCA77)
-        + step.astype(u32) * u32(0xC2B2AE3D)
-        + seed.astype(u32)
-    )
-    h = _mix(h)
-    return _lay(sharding, (h >> u32(8)).astype(dtype) / 2**24 - 0.5)
+    """Vectors in general position (uniform in [-1/2, 1/2)) for starts and restarts: rows
+    ``row`` on of the stream of (seed, step). They need not be statistically random, only
+    not special."""
+    stream = _mix(seed ^ _mix(jnp.asarray(step).astype(jnp.uint32)))
+    words = _words(stream, row, shape[0], shape[1])
+    return _lay(sharding, (words >> jnp.uint32(8)).astype(dtype) / 2**24 - 0.5)
 
 
 def _sweep(n: int, rows: int, fn: Callable[..., Any], carry: Any, go: Any = True) -> Any:
