@@ -82,26 +82,27 @@ class _Host:
     """A layout's host-path memory: time spent per direction, and the
     programs bought."""
 
-    __slots__ = ("spent", "concat", "cutter", "compiles", "shared")
+    __slots__ = ("spent", "leaves", "concat", "cutter", "compiles", "shared")
 
     def __init__(self, layout: Layout) -> None:
-        n = len(layout.shapes)
+        n, sizes = len(layout.shapes), len(set(layout.sizes))
         small = layout.length * layout.dtype.itemsize < HOST_ONLY_BYTES
         self.compiles = {"concat": small and n <= MAX_COMPILE_LEAVES, "split": small}
         self.spent = {"concat": 0.0, "split": 0.0}
         self.concat: Any = None  # Compiled concatenate
         self.cutter: Any = None  # (dtype, device, cut)
         # distinct sizes, 4 leaves or more each on average: XLA's split
-        self.shared = n <= MAX_COMPILE_LEAVES and 4 * len(set(layout.sizes)) <= n
+        self.shared = n <= MAX_COMPILE_LEAVES and 4 * sizes <= n
+        # each program's compile cost, in COMPILE_COST's per-leaf units
+        split = SPLIT_COST[0] * n + SPLIT_COST[1] * sizes if self.shared else n
+        self.leaves = {"concat": n, "split": split}
 
-    def due(self, layout: Layout, kind: str, seconds: float) -> bool:
+    def due(self, kind: str, seconds: float) -> bool:
         """Add a host call's time; True when ``kind``'s program is to be bought."""
         self.spent[kind] += seconds
         base, per_leaf = COMPILE_COST
-        leaves: float = len(layout.shapes)
-        if kind == "split" and self.shared:
-            leaves = SPLIT_COST[0] * leaves + SPLIT_COST[1] * len(set(layout.sizes))
-        return self.compiles[kind] and not _FORKED and self.spent[kind] >= base + per_leaf * leaves
+        cost = base + per_leaf * self.leaves[kind]
+        return self.compiles[kind] and not _FORKED and self.spent[kind] >= cost
 
 
 def _state(layout: Layout, name: str, make: Callable[[], Any]) -> Any:
@@ -161,7 +162,7 @@ def flatten(layout: Layout, params: list[Any], place: Place) -> jax.Array:
     buf = _aligned(layout.length, layout.dtype)
     np.concatenate([np.asarray(p).reshape(-1) for p in params], out=buf)
     flat = jax.device_put(buf, device if committed else None)
-    if host.due(layout, "concat", time.perf_counter() - t0) and host.concat is None:
+    if host.due("concat", time.perf_counter() - t0) and host.concat is None:
         avals = [jax.ShapeDtypeStruct(p.shape, p.dtype) for p in params]
         host.concat = _jit(_concat_varargs, layout).lower(*avals).compile()
     return flat
@@ -230,7 +231,7 @@ def _split(layout: Layout, v: jax.Array) -> list[Any]:
         )
     ]
     out = jax.device_put(pieces, device if v.committed else None)
-    if host.due(layout, "split", time.perf_counter() - t0) and host.cutter is None:
+    if host.due("split", time.perf_counter() - t0) and host.cutter is None:
         cut = _shared_split(layout, v) if host.shared else _cutter(layout, v)
         host.cutter = (v.dtype, device, cut)
     return out  # type: ignore[no-any-return]
